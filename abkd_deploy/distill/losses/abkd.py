@@ -1,0 +1,180 @@
+"""``abkd``: attention-based multi-layer distillation, the L_att term of DESIGN.md section 4.
+
+Ahluwalia et al., "ABKD: Graph Neural Network Compression with Attention-Based Knowledge
+Distillation" (arXiv 2310.15938), building on the attention-weighted feature matching of
+Ji, Heo & Park, "Show, Attend and Distill: Knowledge Distillation via Attention-based
+Feature Matching", AAAI 2021 (arXiv 2102.02973).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import KDBatch, LayerDims, LossTerm, register_loss
+from .dissimilarity import feature_dissimilarity, similarity_dissimilarity
+from .options import as_choice, as_int
+
+DISSIMILARITIES = ("feature", "similarity")
+#: Node sample of the ``similarity`` form when ``kd_nodes`` is not given (its cost is n^2).
+DEFAULT_SIMILARITY_NODES = 512
+
+
+def fixed_orthogonal(d_in: int, d_out: int, generator: torch.Generator) -> Tensor:
+    """A seeded random ``[d_in, d_out]`` matrix with orthonormal columns or rows.
+
+    For ``d_in >= d_out`` the columns are orthonormal (a projection onto a random
+    ``d_out``-dimensional subspace); otherwise the rows are, so ``x -> x @ R`` is an
+    isometry that keeps every norm and angle. Built from the QR factors of a Gaussian
+    matrix with the signs fixed by ``diag(R)``, so the draw is uniform (Haar).
+    """
+    big, small = max(d_in, d_out), min(d_in, d_out)
+    gauss = torch.randn(big, small, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    return (q if d_in >= d_out else q.T).float().contiguous()
+
+
+@register_loss("abkd")
+class AttentionKDTerm(LossTerm):
+    """``L_att = mean_j sum_i A[j, i] * D[j, i]`` over all student/teacher layer pairs.
+
+    * Teacher side, FIXED: ``a_T^i = H_T^i @ R_T^i``; ``R_T^i`` is the identity when every
+      teacher layer already has width ``d_a``, else a seeded random orthogonal map per layer
+      (:func:`fixed_orthogonal`). They are buffers (saved, moved with the module, never
+      trained): with trainable maps on both sides the dissimilarity can be zeroed by the maps
+      alone and the student learns nothing (DESIGN.md section 4).
+    * Student side, trainable: ``a_S^j = P_S^j(H_S^j)``, a linear map without bias (a bias
+      could only add a shared offset; without it ``P_S^j = I`` reproduces ``H_S^j``).
+    * Attention: ``s_j``, ``t_i`` are node means of the raw ``H_S^j``, ``H_T^i`` over all
+      rows of the batch; ``q_j = W_q^j s_j``, ``k_i = W_k^i t_i + e_i`` (bias-free linear
+      maps, ``e_i`` a learned position embedding of teacher layer ``i``);
+      ``A[j, :] = softmax_i(q_j . k_i / sqrt(d_k))``.
+    * ``D``: ``feature`` (default) or ``similarity``, see :mod:`.dissimilarity`, computed on
+      a node sample of ``kd_nodes`` rows when the batch is larger (seeded generator,
+      advanced every call).
+
+    Gradients of L_att reach the student through ``D`` and through the summaries ``s_j``
+    (the spec does not stop them), and reach ``P_S``, ``W_q``, ``W_k`` and ``e``.
+
+    Args:
+        dims: Layer widths; every layer of ``student_hiddens`` / ``teacher_hiddens`` takes
+            part.
+        dissimilarity: ``feature`` or ``similarity``.
+        d_a: Shared width of the ``feature`` form. Default: the teacher width when all
+            teacher layers share it (``R_T = I``), else the widest teacher layer, so that
+            every ``R_T^i`` is an isometry (nothing of the teacher is projected away).
+            Unused by ``similarity``.
+        d_k: Width of queries and keys (default 32).
+        kd_nodes: Rows sampled for ``D`` when the batch has more. Default: all rows for
+            ``feature``, 512 for ``similarity`` (the sample measured in DESIGN.md).
+        seed: Seed of the fixed teacher maps and of the node sampler (default 0).
+
+    Raises:
+        ConfigError: Unknown or out-of-range options.
+    """
+
+    def __init__(
+        self,
+        dims: LayerDims,
+        *,
+        dissimilarity: str = "feature",
+        d_a: int | None = None,
+        d_k: int = 32,
+        kd_nodes: int | None = None,
+        seed: int = 0,
+        **unknown: Any,
+    ) -> None:
+        super().__init__(dims, **unknown)
+        self.dissimilarity = as_choice(self.name, "dissimilarity", dissimilarity, DISSIMILARITIES)
+        self.d_k = as_int(self.name, "d_k", d_k)
+        self.seed = as_int(self.name, "seed", seed, low=0)
+        if kd_nodes is None:
+            kd_nodes = DEFAULT_SIMILARITY_NODES if self.dissimilarity == "similarity" else 0
+        self.kd_nodes = as_int(self.name, "kd_nodes", kd_nodes, low=0)  # 0: all rows
+        uniform = len(set(dims.teacher)) == 1
+        default_da = dims.teacher[0] if uniform else max(dims.teacher)
+        self.d_a = default_da if d_a is None else as_int(self.name, "d_a", d_a)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.teacher_identity = all(d == self.d_a for d in dims.teacher)
+        self.num_teacher_maps = 0
+        self.regressors = nn.ModuleList()
+        if self.dissimilarity == "feature":
+            for i, d in enumerate(dims.teacher):
+                r = (
+                    torch.eye(d)
+                    if self.teacher_identity
+                    else fixed_orthogonal(d, self.d_a, generator)
+                )
+                self.register_buffer(f"teacher_map_{i}", r)
+            self.num_teacher_maps = len(dims.teacher)
+            self.regressors.extend(nn.Linear(d, self.d_a, bias=False) for d in dims.student)
+        self.query = nn.ModuleList(nn.Linear(d, self.d_k, bias=False) for d in dims.student)
+        self.key = nn.ModuleList(nn.Linear(d, self.d_k, bias=False) for d in dims.teacher)
+        self.position = nn.Parameter(torch.randn(len(dims.teacher), self.d_k) * 0.02)
+        self.sampler = torch.Generator().manual_seed(self.seed)
+        self._attention: Tensor | None = None
+        self._dissimilarity: Tensor | None = None
+
+    def teacher_maps(self) -> list[Tensor]:
+        """The fixed ``[d_T^i, d_a]`` maps ``R_T^i`` (empty for ``similarity``)."""
+        return [getattr(self, f"teacher_map_{i}") for i in range(self.num_teacher_maps)]
+
+    def attention(self) -> Tensor:
+        """The ``[L_S, L_T]`` attention ``A`` of the last forward (detached; rows sum to 1).
+
+        Raises:
+            RuntimeError: No forward has run yet.
+        """
+        if self._attention is None:
+            raise RuntimeError("abkd: attention() is only available after a forward pass")
+        return self._attention
+
+    def last_dissimilarity(self) -> Tensor:
+        """The ``[L_S, L_T]`` dissimilarity ``D`` of the last forward (detached)."""
+        if self._dissimilarity is None:
+            raise RuntimeError("abkd: last_dissimilarity() needs a forward pass first")
+        return self._dissimilarity
+
+    def attention_weights(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        """``A = softmax_i(q_j . k_i / sqrt(d_k))`` from ``[n, d]`` hiddens; ``[L_S, L_T]``."""
+        q = torch.stack([w(h.mean(dim=0)) for w, h in zip(self.query, student, strict=True)])
+        k = (
+            torch.stack([w(h.mean(dim=0)) for w, h in zip(self.key, teacher, strict=True)])
+            + self.position
+        )
+        return torch.softmax(q @ k.T / math.sqrt(self.d_k), dim=-1)
+
+    def forward(self, batch: KDBatch) -> Tensor:
+        """Args: batch with ``student_hiddens`` (``L_S`` x ``[n, d_S^j]``) and
+        ``teacher_hiddens`` (``L_T`` x ``[n, d_T^i]``).
+
+        Returns:
+            Scalar ``L_att``.
+        """
+        self.check_hiddens(batch)
+        student, teacher = batch.student_hiddens, batch.teacher_hiddens
+        attn = self.attention_weights(student, teacher)
+        n = batch.num_nodes
+        if 0 < self.kd_nodes < n:
+            idx = torch.randperm(n, generator=self.sampler)[: self.kd_nodes]
+            idx = idx.to(student[0].device)
+            student = [h[idx] for h in student]
+            teacher = [h[idx] for h in teacher]
+        if self.dissimilarity == "feature":
+            a_s = [p(h) for p, h in zip(self.regressors, student, strict=True)]
+            maps = self.teacher_maps()
+            a_t = (
+                teacher
+                if self.teacher_identity
+                else [h @ r.to(h.dtype) for h, r in zip(teacher, maps, strict=True)]
+            )
+            dis = feature_dissimilarity(a_s, a_t)
+        else:
+            dis = similarity_dissimilarity(student, teacher)
+        self._attention = attn.detach()
+        self._dissimilarity = dis.detach()
+        return (attn * dis).sum(dim=1).mean()
