@@ -130,6 +130,200 @@ def teacher(**kwargs: Any) -> None:
     train_teacher_cli(**kwargs)
 
 
+def distill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Teacher, student and KD options shared by ``distill`` and ``compare``."""
+    opts = [
+        click.option(
+            "--teacher",
+            "teacher_path",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Run dir of a trained teacher (abkd-deploy teacher). "
+            "Without it a teacher is trained first with the --teacher-* options.",
+        ),
+        click.option("--teacher-arch", default="gcnii", show_default=True),
+        click.option("--teacher-layers", type=int, default=16, show_default=True),
+        click.option("--teacher-hidden", type=int, default=64, show_default=True),
+        click.option(
+            "--teacher-epochs",
+            type=int,
+            default=None,
+            help="Epochs for the teacher trained here (default: --epochs).",
+        ),
+        click.option("--student-arch", default="gcn", show_default=True),
+        click.option("--student-layers", type=int, default=2, show_default=True),
+        click.option("--student-hidden", type=int, default=8, show_default=True),
+        click.option("--student-dropout", type=float, default=0.5, show_default=True),
+        click.option(
+            "--alpha",
+            type=float,
+            default=0.7,
+            show_default=True,
+            help="Weight of the logit-KD term; CE gets 1 - alpha.",
+        ),
+        click.option("--tau", type=float, default=4.0, show_default=True, help="KD temperature."),
+        click.option(
+            "--beta",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Weight of the method's own term (ABKD: L_att).",
+        ),
+        click.option(
+            "--abkd-dissimilarity",
+            type=click.Choice(["feature", "similarity"]),
+            default="feature",
+            show_default=True,
+        ),
+        click.option(
+            "--kd-nodes",
+            type=int,
+            default=None,
+            help="Node sample for the ABKD dissimilarity (default: all nodes for "
+            "feature, 512 for similarity).",
+        ),
+        click.option(
+            "--warmup-epochs",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Ramp beta up from 0 over this many epochs.",
+        ),
+        click.option(
+            "--normalize/--no-normalize",
+            default=None,
+            help="Scale auxiliary terms to the KD term's magnitude at the first "
+            "step (default: on for abkd).",
+        ),
+        click.option(
+            "--teacher-mode",
+            type=click.Choice(["frozen", "joint"]),
+            default="frozen",
+            show_default=True,
+        ),
+        click.option(
+            "--teacher-lr",
+            type=float,
+            default=1e-3,
+            show_default=True,
+            help="Learning rate of the teacher in joint mode.",
+        ),
+        click.option(
+            "--seeds",
+            type=click.IntRange(1),
+            default=1,
+            show_default=True,
+            help="Number of seeds (--seed, --seed+1, ...); reports mean +- std.",
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _distill_specs(kw: dict[str, Any]):
+    from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec
+    from abkd_deploy.distill.teacher import train_config_from_cli
+
+    teacher_lr = kw.pop("teacher_lr")
+    train = train_config_from_cli(kw)
+    train.teacher_lr = teacher_lr
+    teacher = TeacherSpec(
+        path=kw.pop("teacher_path"),
+        arch=kw.pop("teacher_arch"),
+        layers=kw.pop("teacher_layers"),
+        hidden=kw.pop("teacher_hidden"),
+        epochs=kw.pop("teacher_epochs"),
+    )
+    student = StudentSpec(
+        arch=kw.pop("student_arch"),
+        layers=kw.pop("student_layers"),
+        hidden=kw.pop("student_hidden"),
+        dropout=kw.pop("student_dropout"),
+    )
+    kd = KDSpec(
+        alpha=kw.pop("alpha"),
+        tau=kw.pop("tau"),
+        beta=kw.pop("beta"),
+        dissimilarity=kw.pop("abkd_dissimilarity"),
+        kd_nodes=kw.pop("kd_nodes"),
+        warmup_epochs=kw.pop("warmup_epochs"),
+        normalize=kw.pop("normalize"),
+        teacher_mode=kw.pop("teacher_mode"),
+    )
+    return {
+        "teacher": teacher,
+        "student": student,
+        "kd": kd,
+        "train": train,
+        "dataset": kw.pop("dataset"),
+        "root": kw.pop("root"),
+        "split": kw.pop("split"),
+        "seeds": kw.pop("seeds"),
+    }
+
+
+@main.command()
+@dataset_options
+@distill_options
+@click.option(
+    "--method",
+    default="abkd",
+    show_default=True,
+    help="ce, kd, fitnet, at, lsp, gcrd, abkd, or all (= compare).",
+)
+@training_options
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/distill",
+    show_default=True,
+    help="Output run directory.",
+)
+@_friendly
+def distill(**kw: Any) -> None:
+    """Distill a teacher into a compact student (ABKD or a baseline)."""
+    method, out = kw.pop("method"), kw.pop("out")
+    specs = _distill_specs(kw)
+    if method == "all":
+        _run_compare(specs, None, out)
+        return
+    from abkd_deploy.distill.run import distill as run_distill
+
+    specs["kd"].method = method
+    m = run_distill(out=out, **specs)
+    s = m["student"]
+    click.echo(
+        f"{method}: student {s['arch']} {s['params']:,} params ({m['compression_ratio']:.1f}x "
+        f"smaller), test {m['metric']} {s['test_acc']:.4f} +- {s['test_acc_std']:.4f} over "
+        f"{len(m['seeds'])} seed(s); teacher {m['teacher']['test_acc']:.4f} -> {out}"
+    )
+
+
+@main.command()
+@dataset_options
+@distill_options
+@click.option("--methods", default="ce,kd,fitnet,at,lsp,gcrd,abkd", show_default=True)
+@training_options
+@click.option("--out", type=click.Path(file_okay=False), default="runs/compare", show_default=True)
+@_friendly
+def compare(**kw: Any) -> None:
+    """Run every KD method on the same teacher and seeds; write a comparison table."""
+    methods, out = kw.pop("methods"), kw.pop("out")
+    _run_compare(_distill_specs(kw), methods, out)
+
+
+def _run_compare(specs: dict[str, Any], methods: str | None, out: str) -> None:
+    from abkd_deploy.distill.compare import DEFAULT_METHODS, format_table
+    from abkd_deploy.distill.compare import compare as run_compare
+
+    names = (
+        tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else DEFAULT_METHODS
+    )
+    rows = run_compare(methods=names, out=out, **specs)
+    click.echo(format_table(rows))
+
+
 def _not_built(name: str) -> Callable[..., None]:
     @main.command(name=name, context_settings={"ignore_unknown_options": True})
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -141,7 +335,6 @@ def _not_built(name: str) -> Callable[..., None]:
     return cmd
 
 
-distill = _not_built("distill")
 export = _not_built("export")
 serve = _not_built("serve")
 bench = _not_built("bench")

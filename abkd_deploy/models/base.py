@@ -103,8 +103,8 @@ class GNN(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Number of parameters (frozen ones included: a frozen teacher still has them)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 class LayerStack(GNN):

@@ -1,0 +1,107 @@
+"""``abkd-deploy compare``: every KD method on the same teacher, seeds and split."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from abkd_deploy.distill.objective import METHODS
+from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec, distill
+from abkd_deploy.distill.teacher import train_teacher
+from abkd_deploy.distill.trainer import TrainConfig
+from abkd_deploy.errors import ConfigError
+from abkd_deploy.utils import atomic_path, write_json
+
+DEFAULT_METHODS = ("ce", "kd", "fitnet", "at", "lsp", "gcrd", "abkd")
+
+
+def compare(
+    dataset: str = "csbm",
+    root: str | Path | None = None,
+    split: str | None = None,
+    teacher: TeacherSpec | None = None,
+    student: StudentSpec | None = None,
+    kd: KDSpec | None = None,
+    train: TrainConfig | None = None,
+    seeds: int = 5,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    out: str | Path = "runs/compare",
+) -> list[dict[str, Any]]:
+    """Runs :func:`~abkd_deploy.distill.run.distill` for each method and writes
+    ``out/comparison.json`` and ``out/comparison.md`` (one row per method).
+
+    The teacher is trained once (into ``out/teacher``) unless ``teacher.path`` is given;
+    ``kd`` supplies the shared hyper-parameters (its ``method`` is replaced).
+    """
+    teacher, kd, train = teacher or TeacherSpec(), kd or KDSpec(), train or TrainConfig()
+    for m in methods:
+        METHODS.get(m)
+    if not methods:
+        raise ConfigError("compare needs at least one method")
+    out = Path(out)
+    if teacher.path is None:
+        train_teacher(
+            dataset,
+            root,
+            split,
+            teacher.arch,
+            teacher.layers,
+            teacher.hidden,
+            teacher.dropout,
+            replace(train, epochs=teacher.epochs or train.epochs, batch_size=0),
+            out / "teacher",
+        )
+        teacher = replace(teacher, path=str(out / "teacher"))
+    rows = []
+    for method in methods:
+        m = distill(
+            dataset,
+            root,
+            split,
+            teacher,
+            student,
+            replace(kd, method=method),
+            train,
+            seeds,
+            out / method,
+        )
+        rows.append(
+            {
+                "method": method,
+                "test_acc_mean": m["student"]["test_acc"],
+                "test_acc_std": m["student"]["test_acc_std"],
+                "val_acc_mean": m["student"]["val_acc"],
+                "per_seed_test": [s["test_acc"] for s in m["per_seed"]],
+                "student_params": m["student"]["params"],
+                "teacher_params": m["teacher"]["params"],
+                "teacher_test_acc": m["teacher"]["test_acc"],
+                "compression_ratio": m["compression_ratio"],
+                "seconds_per_epoch": m["seconds_per_epoch"],
+                "metric": m["metric"],
+            }
+        )
+    write_json(out / "comparison.json", {"dataset": dataset, "seeds": seeds, "rows": rows})
+    with atomic_path(out / "comparison.md") as tmp:
+        tmp.write_text(format_table(rows) + "\n")
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of a comparison (scores in percent)."""
+    metric = rows[0]["metric"] if rows else "accuracy"
+    lines = [
+        f"| method | test {metric} (mean ± std, %) | val (%) | student params | teacher params"
+        " | ratio | s / epoch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} "
+            f"| {100 * r['val_acc_mean']:.2f} | {r['student_params']:,} "
+            f"| {r['teacher_params']:,} | {r['compression_ratio']:.1f}x "
+            f"| {r['seconds_per_epoch']:.4f} |"
+        )
+    if rows:
+        lines.append(f"\nteacher test {metric}: {100 * rows[0]['teacher_test_acc']:.2f}%")
+    return "\n".join(lines)
