@@ -17,11 +17,11 @@ from abkd_deploy.data import load_dataset
 from abkd_deploy.data.graph import FullGraph
 from abkd_deploy.distill.evaluate import full_graph_outputs, split_scores
 from abkd_deploy.distill.losses import LayerDims
-from abkd_deploy.distill.objective import Objective
+from abkd_deploy.distill.objective import METHODS, Objective
 from abkd_deploy.distill.teacher import dataset_ref, train_teacher
 from abkd_deploy.distill.trainer import FitResult, TrainConfig, Trainer
 from abkd_deploy.errors import CheckpointError, ConfigError
-from abkd_deploy.models import GNN, build_model, count_parameters, load_model, save_model
+from abkd_deploy.models import GNN, MODELS, build_model, count_parameters, load_model, save_model
 from abkd_deploy.plots import plot_attention, plot_curves
 from abkd_deploy.utils import seed_everything, sha256_file, write_json
 
@@ -136,6 +136,8 @@ def distill(
     train = train or TrainConfig()
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}; expected >= 1")
+    METHODS.get(kd.method)  # fail on bad names before any training
+    MODELS.get(student.arch)
     out = Path(out)
     start = time.perf_counter()
     data = load_dataset(dataset, root, split)
