@@ -336,8 +336,142 @@ def _not_built(name: str) -> Callable[..., None]:
 
 
 export = _not_built("export")
-serve = _not_built("serve")
-bench = _not_built("bench")
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N (cuda that cannot run on CUDA is an error).",
+)
+@click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Node ids per model run (micro-batch size cap).",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(0),
+    default=2.0,
+    show_default=True,
+    help="How long a request waits for others to share its model run.",
+)
+@click.option(
+    "--max-ids",
+    type=click.IntRange(1),
+    default=None,
+    help="Node ids per request (default: --max-batch); more get HTTP 413.",
+)
+@_friendly
+def serve(
+    export_dir: str,
+    host: str,
+    port: int,
+    device: str,
+    threads: int | None,
+    max_batch: int,
+    max_wait_ms: float,
+    max_ids: int | None,
+) -> None:
+    """Serve EXPORT_DIR over HTTP: POST /v1/predict, GET /healthz, GET /metrics."""
+    from abkd_deploy.serve.server import serve as run_server
+
+    run_server(
+        export_dir,
+        host=host,
+        port=port,
+        device=device,
+        threads=threads,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_ids=max_ids,
+    )
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--teacher",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run dir with teacher.safetensors (default: the export's run dir).",
+)
+@click.option("--batch-sizes", default="1,64,1024", show_default=True)
+@click.option("--models", default="teacher-torch,student-torch,student-onnx", show_default=True)
+@click.option(
+    "--requests",
+    type=click.IntRange(1),
+    default=50,
+    show_default=True,
+    help="Request batches per batch size (each trial replays them).",
+)
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option(
+    "--trials",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    help="Timed passes; reported numbers are medians over trials.",
+)
+@click.option(
+    "--trial-seconds",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Stop a pass early after this long (keeping >= 3 requests).",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option(
+    "--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: all cores)."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write REPORT.json plus REPORT.md and REPORT.png.",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A previous report: exit 1 if a metric regressed beyond the tolerance.",
+)
+@click.option(
+    "--max-regression",
+    type=click.FloatRange(0),
+    default=0.15,
+    show_default=True,
+    help="Tolerated relative slowdown of medians vs the baseline.",
+)
+@_friendly
+def bench(export_dir: str, **kw: Any) -> None:
+    """Latency, memory and accuracy of the student (onnxruntime, eager) vs the teacher."""
+    from abkd_deploy.distill.teacher import parse_int_list
+    from abkd_deploy.serve.bench import bench as run_bench
+    from abkd_deploy.serve.bench import format_markdown, write_report
+
+    out, baseline, tol = kw.pop("out"), kw.pop("baseline"), kw.pop("max_regression")
+    models = tuple(m.strip() for m in kw.pop("models").split(",") if m.strip())
+    sizes = parse_int_list(kw.pop("batch_sizes"), "--batch-sizes")
+    report = run_bench(export_dir, batch_sizes=sizes, models=models, **kw)
+    click.echo(format_markdown(report))
+    if out:
+        paths = write_report(report, out)
+        click.echo("wrote " + ", ".join(str(p) for p in paths))
+    if baseline:
+        from abkd_deploy.serve.gate import compare_reports, format_regressions, load_report
+
+        regressions = compare_reports(load_report(baseline), report, max_regression=tol)
+        click.echo(format_regressions(regressions, tol))
+        if regressions:
+            sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,283 @@
+"""``abkd-deploy bench``: teacher vs student latency, memory and accuracy on the same requests.
+
+Protocol (numbers are medians, never single runs):
+
+* Requests: ``requests`` batches of node ids per batch size, drawn (seeded, without
+  replacement inside a batch when possible) from the test split; every model answers the
+  same batches.
+* Each model runs in its own fresh process (peak RSS is that model's alone; the ONNX
+  worker imports no torch): load, ``warmup`` untimed requests, then ``trials`` timed
+  passes over the batches (a pass stops early after ``trial_seconds``, keeping >= 3
+  requests). Per trial: p50/p95/p99/mean latency and throughput; reported values are the
+  median over trials, and the per-trial lists are kept for the regression gate.
+* Models: ``teacher-torch`` (full-graph forward per request: a deep teacher's receptive
+  field is the whole graph), ``student-torch`` (the exported module, eager) and
+  ``student-onnx`` (:class:`~abkd_deploy.serve.predictor.Predictor`, the serving path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from abkd_deploy import __version__
+from abkd_deploy.errors import AbkdError, ConfigError
+from abkd_deploy.serve.manifest import load_manifest
+from abkd_deploy.utils import atomic_path, write_json
+
+MODELS = ("teacher-torch", "student-torch", "student-onnx")
+REPORT_VERSION = 1
+
+
+def make_requests(
+    test_ids: np.ndarray, batch_sizes: Sequence[int], requests: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """``{"batch_<b>": [requests, b] int64}`` drawn from ``test_ids``."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for b in batch_sizes:
+        replace = b > len(test_ids)
+        out[f"batch_{b}"] = np.stack(
+            [rng.choice(test_ids, size=b, replace=replace) for _ in range(requests)]
+        ).astype(np.int64)
+    return out
+
+
+def _test_split(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str]:
+    from abkd_deploy.data import load_dataset  # torch: only in this (parent) process
+
+    ds = manifest.get("provenance", {}).get("dataset") or {}
+    if not ds.get("name"):
+        raise ConfigError("manifest has no provenance.dataset: cannot draw test requests")
+    data = load_dataset(ds["name"], ds.get("root"), ds.get("split"))
+    ids = data.test_mask.nonzero().view(-1).numpy().astype(np.int64)
+    return ids, data.y.numpy()[ids].astype(np.int64), data.metric
+
+
+def bench(
+    export_dir: str | Path,
+    teacher: str | Path | None = None,
+    batch_sizes: Sequence[int] = (1, 64, 1024),
+    models: Sequence[str] = MODELS,
+    requests: int = 50,
+    warmup: int = 5,
+    trials: int = 5,
+    trial_seconds: float = 3.0,
+    device: str = "cpu",
+    threads: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmarks the export in ``export_dir`` against its teacher; returns the report.
+
+    Args:
+        export_dir: An ``embedded`` export (``abkd-deploy export``).
+        teacher: Run dir holding ``teacher.safetensors`` (default: the export's run dir).
+        batch_sizes: Nodes per request.
+        models: Subset of :data:`MODELS`.
+        requests, warmup, trials, trial_seconds: See the module docstring.
+        device: ``cpu``, ``cuda`` or ``auto`` for every model.
+        threads: Intra-op threads of torch and onnxruntime (default: all cores).
+    """
+    from tqdm.auto import tqdm
+
+    export_dir = Path(export_dir)
+    manifest = load_manifest(export_dir)
+    if manifest["adjacency"]["format"] != "embedded":
+        raise ConfigError(
+            f"bench needs an 'embedded' export; {export_dir} is {manifest['adjacency']['format']!r}"
+        )
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise ConfigError(f"unknown model(s) {bad}; expected some of {', '.join(MODELS)}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ConfigError(f"batch sizes {list(batch_sizes)}; expected positive integers")
+    if min(requests, trials) < 1 or warmup < 0:
+        raise ConfigError("requests and trials must be >= 1, warmup >= 0")
+    run_dir = manifest.get("provenance", {}).get("run_dir")
+    teacher_dir = Path(teacher) if teacher else (Path(run_dir) if run_dir else None)
+    if "teacher-torch" in models and (
+        teacher_dir is None or not (teacher_dir / "teacher.safetensors").is_file()
+    ):
+        raise ConfigError(
+            f"no teacher checkpoint: --teacher {teacher_dir} has no teacher.safetensors"
+        )
+    test_ids, labels, metric = _test_split(manifest)
+    threads = threads or os.cpu_count() or 1
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="abkd-bench-") as tmp:
+        req_path = Path(tmp) / "requests.npz"
+        np.savez(
+            req_path,
+            test_ids=test_ids,
+            test_labels=labels,
+            **make_requests(test_ids, batch_sizes, requests, seed),
+        )
+        outputs = []
+        for model in tqdm(list(models), desc="bench", disable=not progress):
+            spec = {
+                "model": model,
+                "requests": str(req_path),
+                "metric": metric,
+                "batch_sizes": list(batch_sizes),
+                "warmup": warmup,
+                "trials": trials,
+                "trial_seconds": trial_seconds,
+                "threads": threads,
+                "device": device,
+                "export_dir": str(export_dir),
+                "run_dir": run_dir,
+                "teacher_dir": str(teacher_dir) if teacher_dir else None,
+                "dataset": manifest.get("provenance", {}).get("dataset"),
+            }
+            outputs.append(_run_worker(spec, Path(tmp)))
+    return _report(
+        outputs,
+        manifest,
+        export_dir,
+        teacher_dir,
+        device,
+        threads,
+        batch_sizes,
+        requests,
+        warmup,
+        trials,
+        trial_seconds,
+        time.perf_counter() - start,
+    )
+
+
+def _run_worker(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    spec_path, out_path = tmp / f"{spec['model']}.spec.json", tmp / f"{spec['model']}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, "-m", "abkd_deploy.serve.bench_worker", str(spec_path), str(out_path)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0 or not out_path.is_file():
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise AbkdError(
+            f"bench of {spec['model']} failed: {lines[-1] if lines else proc.returncode}"
+        )
+    return json.loads(out_path.read_text())
+
+
+def _report(
+    outputs,
+    manifest,
+    export_dir,
+    teacher_dir,
+    device,
+    threads,
+    batch_sizes,
+    requests,
+    warmup,
+    trials,
+    trial_seconds,
+    seconds,
+) -> dict[str, Any]:
+    results = [r for o in outputs for r in o["results"]]
+    summaries = {o["model"]: o["summary"] for o in outputs}
+    for r in results:
+        s = summaries[r["model"]]
+        r.update(
+            peak_rss_mb=s["peak_rss_mb"],
+            gpu_peak_mb=s["gpu_peak_mb"],
+            model_bytes=s.get("model_bytes"),
+            accuracy=s["accuracy"],
+        )
+    by = {(r["model"], r["batch_size"]): r for r in results}
+    ratios = {}
+    for b in batch_sizes:
+        onnx = by.get(("student-onnx", b))
+        if onnx is None:
+            continue
+        for other in ("teacher-torch", "student-torch"):
+            if (other, b) in by:
+                ratios[f"{other}/student-onnx p50 @ {b}"] = (
+                    by[(other, b)]["p50_ms"] / onnx["p50_ms"]
+                )
+    if "teacher-torch" in summaries and "student-onnx" in summaries:
+        ratios["teacher-torch/student-onnx peak RSS"] = (
+            summaries["teacher-torch"]["peak_rss_mb"] / summaries["student-onnx"]["peak_rss_mb"]
+        )
+    return {
+        "format_version": REPORT_VERSION,
+        "producer": {"name": "abkd-deploy", "version": __version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor(),
+        },
+        "config": {
+            "export_dir": str(export_dir),
+            "teacher_dir": str(teacher_dir),
+            "device": device,
+            "threads": threads,
+            "batch_sizes": list(batch_sizes),
+            "requests": requests,
+            "warmup": warmup,
+            "trials": trials,
+            "trial_seconds": trial_seconds,
+            "adjacency": manifest["adjacency"],
+            "dataset": manifest.get("provenance", {}).get("dataset"),
+        },
+        "models": summaries,
+        "results": results,
+        "ratios": ratios,
+        "seconds": seconds,
+    }
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """Markdown table of a report (one row per model and batch size) plus the ratios."""
+    metric = next(iter(report["models"].values()))["metric"] if report["models"] else "accuracy"
+    lines = [
+        "| model | batch | p50 ms | p95 ms | p99 ms | mean ms | nodes/s | peak RSS MB "
+        f"| model MB | test {metric} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        mb = (r.get("model_bytes") or 0) / 2**20
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} "
+            f"| {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['throughput_nps']:,.0f} "
+            f"| {r['peak_rss_mb']:.0f} | {mb:.2f} | {r['accuracy']:.4f} |"
+        )
+    if report.get("ratios"):
+        lines.append("")
+        lines += [f"- {k}: {v:.1f}x" for k, v in report["ratios"].items()]
+    served = [
+        f"- {m}: {s.get('served_as', '')} ({s.get('provider', 'torch')})"
+        for m, s in report["models"].items()
+    ]
+    return "\n".join([*lines, "", *served])
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> list[Path]:
+    """Writes ``path`` (JSON), ``path`` with ``.md`` and ``.png`` suffixes; returns them."""
+    from abkd_deploy.plots import plot_latency
+
+    path = Path(path)
+    write_json(path, report)
+    md = path.with_suffix(".md")
+    with atomic_path(md) as tmp:
+        tmp.write_text(format_markdown(report) + "\n")
+    series: dict[str, dict[int, float]] = {}
+    for r in report["results"]:
+        series.setdefault(r["model"], {})[r["batch_size"]] = r["p50_ms"]
+    png = plot_latency(series, path.with_suffix(".png"), "p50 latency vs batch size")
+    return [path, md, png]

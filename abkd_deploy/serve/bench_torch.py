@@ -1,0 +1,78 @@
+"""PyTorch side of the bench (teacher and eager student); imported only by its workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from abkd_deploy.data import load_dataset
+from abkd_deploy.data.graph import FullGraph
+from abkd_deploy.models import load_model
+from abkd_deploy.utils import resolve_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_torch(spec: dict[str, Any]):
+    """(predict, logits, info) for ``teacher-torch`` or ``student-torch`` (see bench_worker)."""
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = resolve_device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if spec["model"] == "teacher-torch":
+        module, info = _teacher(spec, device)
+    else:
+        module, info = _student(spec, device)
+
+    @torch.inference_mode()
+    def logits(ids: np.ndarray) -> np.ndarray:
+        out = module(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device))
+        _sync(device)
+        return out.float().cpu().numpy()
+
+    gpu = (
+        (lambda: torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
+    )
+    return logits, logits, {**info, "gpu_peak_mb": gpu}
+
+
+def _teacher(spec: dict[str, Any], device: torch.device):
+    teacher, meta = load_model(spec["teacher_dir"], "teacher")
+    ds = meta.get("dataset") or spec["dataset"]
+    data = load_dataset(ds["name"], ds.get("root"), ds.get("split"))
+    graph = FullGraph.from_edge_index(data.edge_index, data.num_nodes, teacher.norm).to(device)
+    x = data.x.to(device)
+    teacher = teacher.to(device).eval()
+
+    def answer(ids: torch.Tensor) -> torch.Tensor:  # full-graph forward per request
+        return teacher(x, graph)[0].index_select(0, ids)
+
+    size = (Path(spec["teacher_dir"]) / "teacher.safetensors").stat().st_size
+    return answer, {
+        "served_as": "PyTorch eager, full graph per request "
+        f"({teacher.arch}, {teacher.num_layers} layers)",
+        "model_bytes": size,
+        "params": sum(p.numel() for p in teacher.parameters()),
+    }
+
+
+def _student(spec: dict[str, Any], device: torch.device):
+    from abkd_deploy.export.api import build_export_module
+
+    module = build_export_module(spec["export_dir"])
+    module = module.to(device).eval()
+
+    def answer(ids: torch.Tensor) -> torch.Tensor:
+        return module(ids)[0]
+
+    size = sum(b.numel() * b.element_size() for b in module.buffers()) + sum(
+        p.numel() * p.element_size() for p in module.parameters()
+    )
+    return answer, {"served_as": "PyTorch eager, the exported embedded module", "model_bytes": size}

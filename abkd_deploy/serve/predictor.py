@@ -1,0 +1,257 @@
+"""``Predictor``: an exported student behind onnxruntime (numpy + onnxruntime only)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from abkd_deploy.errors import ConfigError, DeviceError
+from abkd_deploy.serve.errors import ArtifactError, InvalidInput
+from abkd_deploy.serve.manifest import load_manifest, onnx_file, verify_files
+from abkd_deploy.serve.providers import create_session
+from abkd_deploy.serve.validate import as_node_ids
+
+log = logging.getLogger(__name__)
+
+#: Default cap on node ids per model run.
+DEFAULT_MAX_BATCH = 4096
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Answers for a batch of node ids, row ``i`` for id ``i``.
+
+    Attributes:
+        classes: ``[b]`` int64 predicted class (argmax of the logits).
+        scores: ``[b, C]`` float32 class probabilities (softmax of the logits).
+        embedding: ``[b, hidden]`` float32 last hidden layer, if asked for.
+    """
+
+    classes: np.ndarray
+    scores: np.ndarray
+    embedding: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0])
+
+    def __getitem__(self, rows: slice) -> Prediction:
+        """Rows ``rows`` of every field (used to split a micro-batch back to its callers)."""
+        emb = None if self.embedding is None else self.embedding[rows]
+        return Prediction(self.classes[rows], self.scores[rows], emb)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise, numerically stable softmax that keeps float32."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+class Predictor:
+    """Loads an export directory (``docs/FORMATS.md``) and answers node-classification calls.
+
+    Args:
+        export_dir: directory with ``manifest.json`` and ``model.onnx``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if it really runs, else CPU).
+        threads: onnxruntime intra-op threads (``None``: its default).
+        max_batch: the most node ids one :meth:`predict` call takes.
+        verify: check the SHA-256 of every file in ``manifest["files"]`` (default ``True``).
+
+    Attributes:
+        manifest: the parsed ``manifest.json``.
+        provider: the execution provider that runs the model.
+        format: the adjacency format (``embedded``, ``ell`` or ``coo``).
+        num_nodes: number of nodes of the graph baked into the export.
+        num_classes: number of classes.
+
+    Raises:
+        ArtifactError: missing/malformed manifest, hash mismatch, unloadable model, or a model
+            whose inputs/outputs disagree with the manifest.
+        DeviceError: ``device='cuda'`` and the model cannot run on CUDA.
+    """
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        device: str = "auto",
+        threads: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        verify: bool = True,
+    ) -> None:
+        if int(max_batch) < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.export_dir = Path(export_dir)
+        self.manifest: dict[str, Any] = load_manifest(self.export_dir)
+        if verify:
+            verify_files(self.export_dir, self.manifest)
+        model_path = self.export_dir / onnx_file(self.manifest)
+        try:
+            self._info = create_session(model_path, device, threads)
+        except (DeviceError, ConfigError):
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"onnxruntime cannot load {model_path}: {first}") from exc
+        self.session = self._info.session
+        self.provider: str = self._info.provider
+        self.format: str = self.manifest["adjacency"]["format"]
+        self.num_nodes: int = int(self.manifest["graph"]["num_nodes"])
+        self.num_classes: int = int(self.manifest["graph"]["num_classes"])
+        self.max_batch = int(max_batch)
+        self._inputs = {i.name: i for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._check_signature()
+        log.info("loaded %s (%s) on %s", model_path, self.format, self.provider)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the model has an ``embedding`` output."""
+        return "embedding" in self._outputs
+
+    def predict(self, node_ids: Any, return_embedding: bool = False) -> Prediction:
+        """Classifies a batch of nodes (``embedded`` exports).
+
+        Args:
+            node_ids: 1-D integers in ``[0, num_nodes)``, at most ``max_batch`` of them.
+            return_embedding: also return the last hidden layer.
+
+        Raises:
+            InvalidNodeIds: non-integers, ids out of range, or an empty batch.
+            BatchTooLarge: more than ``max_batch`` ids.
+            InvalidInput: not an ``embedded`` export, or no ``embedding`` output.
+        """
+        if self.format != "embedded":
+            raise InvalidInput(
+                f"predict() needs an 'embedded' export; this one is {self.format!r}: use run()"
+            )
+        if return_embedding and not self.has_embedding:
+            raise InvalidInput(f"this model has no 'embedding' output (outputs: {self._outputs})")
+        ids = as_node_ids(node_ids, self.num_nodes, self.max_batch)
+        names = ["logits", "embedding"] if return_embedding else ["logits"]
+        outs = self._run({"node_ids": ids}, names)
+        logits = np.asarray(outs[0], dtype=np.float32)
+        return Prediction(
+            classes=logits.argmax(axis=1).astype(np.int64),
+            scores=softmax(logits.copy()),
+            embedding=np.asarray(outs[1]) if return_embedding else None,
+        )
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Runs the model on a raw feed (any adjacency format) and returns every output.
+
+        Inputs are cast to the model's dtypes (an integer input given floats is an error).
+        ``node_ids`` of an ``embedded`` export are range-checked like in :meth:`predict`.
+
+        Args:
+            inputs: input name -> array, exactly the model's inputs (``manifest["inputs"]``).
+
+        Raises:
+            InvalidInput: missing/unexpected names, wrong dtype kind or rank, or inputs that
+                onnxruntime rejects (inconsistent shapes).
+        """
+        missing = sorted(set(self._inputs) - set(inputs))
+        extra = sorted(set(inputs) - set(self._inputs))
+        if missing or extra:
+            raise InvalidInput(
+                f"inputs must be exactly {sorted(self._inputs)}; missing {missing}, "
+                f"unexpected {extra}"
+            )
+        feed = {name: self._cast(name, value) for name, value in inputs.items()}
+        if self.format == "embedded" and "node_ids" in feed:
+            feed["node_ids"] = as_node_ids(feed["node_ids"], self.num_nodes, self.max_batch)
+        try:
+            outs = self._run(feed, self._outputs)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidInput(f"onnxruntime rejected the inputs: {first}") from exc
+        return dict(zip(self._outputs, outs))
+
+    def info(self) -> dict[str, Any]:
+        """What ``/healthz`` reports: provider, format, graph size and model summary."""
+        m = self.manifest
+        return {
+            "provider": self.provider,
+            "device_note": self._info.note or None,
+            "format": self.format,
+            "num_nodes": self.num_nodes,
+            "num_classes": self.num_classes,
+            "max_batch": self.max_batch,
+            "model": m.get("model"),
+            "producer": m.get("producer"),
+            "opset": m.get("opset"),
+            "inputs": [i["name"] for i in m["inputs"]],
+            "outputs": list(self._outputs),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Predictor({str(self.export_dir)!r}, format={self.format}, "
+            f"provider={self.provider}, num_nodes={self.num_nodes})"
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_signature(self) -> None:
+        want = {i["name"] for i in self.manifest["inputs"]}
+        if want != set(self._inputs):
+            raise ArtifactError(
+                f"manifest.json lists inputs {sorted(want)}; the model has {sorted(self._inputs)}"
+            )
+        if self.format == "embedded" and ("node_ids" not in want or "logits" not in self._outputs):
+            raise ArtifactError(
+                "an 'embedded' export needs input 'node_ids' and output 'logits'; "
+                f"the model has inputs {sorted(self._inputs)}, outputs {self._outputs}"
+            )
+
+    def _cast(self, name: str, value: Any) -> np.ndarray:
+        spec = self._inputs[name]
+        dtype = _ORT_DTYPES.get(spec.type)
+        arr = np.asarray(value)
+        if dtype is not None:
+            want_kind = np.dtype(dtype).kind
+            if want_kind in "iu" and arr.dtype.kind not in "iu":
+                raise InvalidInput(
+                    f"input {name!r} must be integers ({spec.type}), got {arr.dtype}"
+                )
+            if want_kind == "f" and arr.dtype.kind not in "fiu":
+                raise InvalidInput(f"input {name!r} must be numbers ({spec.type}), got {arr.dtype}")
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+        if len(spec.shape) != arr.ndim:
+            raise InvalidInput(
+                f"input {name!r} must have {len(spec.shape)} dims {spec.shape}, got shape "
+                f"{tuple(arr.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape)):
+            if isinstance(want, int) and want != got:
+                raise InvalidInput(
+                    f"input {name!r} must have size {want} on axis {axis}, got {tuple(arr.shape)}"
+                )
+        return arr
+
+    def _run(self, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        """One model run; IO binding on CUDA (outputs on the GPU, copied back once)."""
+        if not self._info.on_cuda:
+            return self.session.run(names, feed)
+        binding = self.session.io_binding()
+        for name, arr in feed.items():
+            binding.bind_cpu_input(name, arr)
+        for name in names:
+            binding.bind_output(name, "cuda", self._info.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()

@@ -1,0 +1,136 @@
+"""Regression gate over bench report JSONs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from abkd_deploy.errors import ConfigError
+from abkd_deploy.serve import Predictor
+from abkd_deploy.serve.gate import (
+    compare_all,
+    compare_reports,
+    format_regressions,
+    load_report,
+)
+
+
+def _result(model: str, bs: int, p50: list[float], p95: list[float], nps: list[float]) -> dict:
+    return {
+        "model": model,
+        "batch_size": bs,
+        "trials_ms": {"p50": p50, "p95": p95},
+        "trials_throughput_nps": nps,
+        "p50_ms": statistics.median(p50),
+        "p95_ms": statistics.median(p95),
+        "throughput_nps": statistics.median(nps),
+    }
+
+
+def _report(*results: dict) -> dict:
+    return {"format_version": 1, "results": list(results)}
+
+
+def _measured_report(predictor: Predictor, trials: int = 3, reps: int = 20) -> dict:
+    """A small real report: the Predictor timed at batch 1 and 64."""
+    rng = np.random.default_rng(0)
+    results = []
+    for bs in (1, 64):
+        p50, p95, nps = [], [], []
+        for _ in range(trials):
+            times = []
+            for _ in range(reps):
+                ids = rng.integers(0, predictor.num_nodes, size=bs)
+                t0 = time.perf_counter()
+                predictor.predict(ids)
+                times.append((time.perf_counter() - t0) * 1000)
+            p50.append(float(np.percentile(times, 50)))
+            p95.append(float(np.percentile(times, 95)))
+            nps.append(bs * reps / (sum(times) / 1000))
+        results.append(_result("student-onnx", bs, p50, p95, nps))
+    return _report(*results)
+
+
+def test_gate_on_real_measurements(embedded_dir: Path) -> None:
+    report = _measured_report(Predictor(embedded_dir, device="cpu", threads=1))
+    assert compare_reports(report, copy.deepcopy(report), 0.15) == []
+    faster = copy.deepcopy(report)  # a baseline 3x faster on every metric
+    for res in faster["results"]:
+        res["trials_ms"] = {k: [v / 3 for v in vs] for k, vs in res["trials_ms"].items()}
+        res["trials_throughput_nps"] = [v * 3 for v in res["trials_throughput_nps"]]
+    regs = compare_reports(faster, report, 0.15)
+    assert {(r.metric, r.batch_size) for r in regs} == {
+        (m, bs) for m in ("p50_ms", "p95_ms", "throughput_nps") for bs in (1, 64)
+    }
+    assert all(r.worse_by == pytest.approx(2.0) for r in regs if r.unit == "ms")
+    assert all(r.worse_by == pytest.approx(2 / 3) for r in regs if r.unit != "ms")
+
+
+def test_tolerance_direction_and_noise() -> None:
+    base = _report(_result("m", 64, [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [1000, 1000, 1000]))
+    # 10% slower: inside 15%
+    cur = _report(_result("m", 64, [1.1, 1.1, 1.1], [2.2, 2.2, 2.2], [910, 910, 910]))
+    assert compare_reports(base, cur, 0.15) == []
+    assert len(compare_reports(base, cur, 0.05)) == 3
+    # one wild trial out of five does not move the median
+    noisy = _report(_result("m", 64, [1, 1, 1, 1, 9], [2, 2, 2, 2, 30], [1000, 1000, 10, 990, 995]))
+    assert compare_reports(base, noisy, 0.15) == []
+    # improvements never fail
+    fast = _report(_result("m", 64, [0.2], [0.3], [9000]))
+    assert compare_reports(base, fast, 0.0) == []
+
+
+def test_regression_fields_and_message() -> None:
+    base = _report(_result("student-onnx", 64, [1.0], [2.0], [64000]))
+    cur = _report(_result("student-onnx", 64, [1.5], [2.0], [40000]))
+    regs = compare_reports(base, cur, 0.15)
+    assert [(r.metric, r.model, r.batch_size, r.old, r.new) for r in regs] == [
+        ("p50_ms", "student-onnx", 64, 1.0, 1.5),
+        ("throughput_nps", "student-onnx", 64, 64000, 40000),
+    ]
+    assert regs[0].change == pytest.approx(0.5)
+    assert regs[1].change == pytest.approx(-0.375) and regs[1].worse_by == pytest.approx(0.375)
+    msg = format_regressions(regs, 0.15)
+    assert "2 metric(s) worse by more than 15%" in msg
+    assert "p50_ms student-onnx batch 64: 1 -> 1.5 ms (+50.0%" in msg
+    assert "throughput_nps student-onnx batch 64: 64,000 -> 40,000 nodes/s (-37.5%" in msg
+    assert "passed" in format_regressions([], 0.15)
+
+
+def test_min_delta_and_summary_fallback() -> None:
+    base = _report({"model": "m", "batch_size": 1, "p50_ms": 0.010, "p95_ms": 0.02})
+    cur = _report({"model": "m", "batch_size": 1, "p50_ms": 0.015, "p95_ms": 0.02})
+    assert [r.metric for r in compare_reports(base, cur)] == ["p50_ms"]  # from summary values
+    assert compare_reports(base, cur, min_delta_ms=0.01) == []
+    assert len(compare_all(base, cur)) == 2  # no throughput in these reports: not compared
+
+
+def test_entries_in_one_report_only() -> None:
+    base = _report(_result("m", 1, [1], [1], [1]), _result("m", 64, [1], [1], [64]))
+    cur = _report(_result("m", 64, [1], [1], [64]), _result("teacher", 64, [9], [9], [1]))
+    assert {(c.model, c.batch_size) for c in compare_all(base, cur)} == {("m", 64)}
+    with pytest.raises(ConfigError, match="share no"):
+        compare_reports(base, _report(_result("x", 2, [1], [1], [1])))
+
+
+def test_bad_reports(tmp_path: Path) -> None:
+    good = _report(_result("m", 1, [1], [1], [1]))
+    with pytest.raises(ConfigError, match="format_version"):
+        compare_reports({"format_version": 2, "results": []}, good)
+    with pytest.raises(ConfigError, match="duplicate"):
+        compare_reports(_report(good["results"][0], good["results"][0]), good)
+    with pytest.raises(ConfigError, match="max_regression"):
+        compare_reports(good, good, -0.1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_report(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not readable JSON"):
+        load_report(tmp_path / "bad.json")
+    (tmp_path / "ok.json").write_text(json.dumps(good))
+    assert load_report(tmp_path / "ok.json") == good

@@ -1,0 +1,269 @@
+"""Predictor: loading, integrity checks, providers, validation, raw feeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from abkd_deploy.errors import ConfigError, DeviceError, ServeError
+from abkd_deploy.serve import (
+    ArtifactError,
+    BatchTooLarge,
+    InvalidInput,
+    InvalidNodeIds,
+    Prediction,
+    Predictor,
+)
+from abkd_deploy.serve.predictor import softmax
+from tests.serve.tiny_export import ell_onnx, write_export
+
+HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def predictor(embedded_dir: Path) -> Predictor:
+    return Predictor(embedded_dir, device="cpu", threads=1, max_batch=64)
+
+
+def test_predict_matches_reference(predictor: Predictor, tiny) -> None:
+    ids = np.array([0, 7, 499, 7, 123])
+    pred = predictor.predict(ids.tolist(), return_embedding=True)
+    logits, emb = tiny.forward(ids)
+    assert pred.classes.dtype == np.int64 and pred.scores.dtype == np.float32
+    np.testing.assert_array_equal(pred.classes, logits.argmax(1))
+    np.testing.assert_allclose(pred.scores, softmax(logits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.scores.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(pred.embedding, emb, rtol=1e-5, atol=1e-6)
+    assert predictor.predict(ids).embedding is None
+
+
+def test_attributes(predictor: Predictor) -> None:
+    assert predictor.provider == "CPUExecutionProvider"
+    assert (predictor.num_nodes, predictor.num_classes, predictor.format) == (500, 4, "embedded")
+    assert predictor.manifest["format_version"] == 1
+    assert predictor.info()["outputs"] == ["logits", "embedding"]
+
+
+@pytest.mark.parametrize(
+    "ids", [np.array([1, 2], np.int32), np.array([1, 2], np.uint16), [np.int64(1), 2], (1, 2)]
+)
+def test_accepts_integer_kinds(predictor: Predictor, ids) -> None:
+    assert predictor.predict(ids).classes.shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("ids", "bad"),
+    [
+        ([1, 2.0, 3], [2.0]),
+        ([1, "2"], ["2"]),
+        ([True, 1], [True]),
+        ([[1, 2]], [[1, 2]]),
+        ([None], [None]),
+    ],
+)
+def test_rejects_non_integers(predictor: Predictor, ids, bad) -> None:
+    with pytest.raises(InvalidNodeIds, match="integers") as info:
+        predictor.predict(ids)
+    assert info.value.values == bad
+    assert info.value.http_status == 422
+
+
+@pytest.mark.parametrize("ids", [np.array([1.0, 2.0]), np.array([[1, 2]]), "12", 5])
+def test_rejects_bad_containers(predictor: Predictor, ids) -> None:
+    with pytest.raises(InvalidNodeIds):
+        predictor.predict(ids)
+
+
+def test_out_of_range_lists_values(predictor: Predictor) -> None:
+    with pytest.raises(InvalidNodeIds, match=r"outside \[0, 500\)") as info:
+        predictor.predict([0, -1, 500, 3, 10**30])
+    assert info.value.values == [-1, 500, 10**30]
+    bad = list(range(1000, 1060))
+    with pytest.raises(InvalidNodeIds, match=r"\+50 more") as info:
+        predictor.predict(bad)
+    assert len(info.value.values) == 20  # truncated for the HTTP body
+
+
+def test_empty_and_too_large(predictor: Predictor) -> None:
+    with pytest.raises(InvalidNodeIds, match="empty"):
+        predictor.predict([])
+    with pytest.raises(BatchTooLarge, match="65 node ids; at most 64") as info:
+        predictor.predict(list(range(65)))
+    assert (info.value.size, info.value.limit, info.value.http_status) == (65, 64, 413)
+
+
+def test_errors_are_serve_errors() -> None:
+    for cls in (ArtifactError, InvalidNodeIds, BatchTooLarge, InvalidInput):
+        assert issubclass(cls, ServeError)
+
+
+def test_prediction_slicing() -> None:
+    p = Prediction(np.arange(4), np.eye(4, dtype=np.float32), np.ones((4, 2), np.float32))
+    part = p[1:3]
+    assert len(part) == 2 and part.classes.tolist() == [1, 2] and part.embedding.shape == (2, 2)
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def test_hash_mismatch(export_copy: Path) -> None:
+    path = export_copy / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 of 'model.onnx'"):
+        Predictor(export_copy, device="cpu")
+
+
+def test_size_mismatch_and_missing(export_copy: Path) -> None:
+    with open(export_copy / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="bytes; manifest.json says"):
+        Predictor(export_copy, device="cpu")
+    (export_copy / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        Predictor(export_copy, device="cpu")
+
+
+def _edit_manifest(export_dir: Path, **changes) -> None:
+    path = export_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    m.update(changes)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"format_version": 2}, "format_version 2"),
+        ({"files": {}}, "files"),
+        ({"files": {"../model.onnx": {"sha256": "0"}, "model.onnx": {"sha256": "0"}}}, "relative"),
+        ({"adjacency": {"format": "csr"}}, "adjacency.format"),
+        ({"graph": {"num_nodes": 0, "num_classes": 4}}, "num_nodes"),
+        ({"inputs": [{"name": "ids"}]}, "lists inputs"),
+    ],
+)
+def test_bad_manifest(export_copy: Path, changes: dict, match: str) -> None:
+    _edit_manifest(export_copy, **changes)
+    with pytest.raises(ArtifactError, match=match):
+        Predictor(export_copy, device="cpu")
+
+
+def test_missing_or_broken_manifest(export_copy: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="does not exist"):
+        Predictor(tmp_path / "nope")
+    (export_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        Predictor(export_copy)
+    (export_copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        Predictor(export_copy)
+
+
+def test_unloadable_model(export_copy: Path) -> None:
+    path = export_copy / "model.onnx"
+    path.write_bytes(b"not an onnx model")
+    _edit_manifest(export_copy, files={"model.onnx": {"sha256": _sha(path), "bytes": 17}})
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load"):
+        Predictor(export_copy, device="cpu")
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- providers
+
+
+@pytest.mark.skipif(HAS_CUDA_EP, reason="onnxruntime here has the CUDA provider")
+def test_cuda_without_cuda_is_an_error(embedded_dir: Path) -> None:
+    with pytest.raises(DeviceError, match="cannot run on CUDA"):
+        Predictor(embedded_dir, device="cuda")
+
+
+@pytest.mark.skipif(HAS_CUDA_EP, reason="onnxruntime here has the CUDA provider")
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
+def test_cuda_listed_but_not_running(embedded_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """get_available_providers() may list CUDA where it cannot run: the session decides."""
+    from abkd_deploy.serve import providers
+
+    real = ort.get_available_providers()
+    monkeypatch.setattr(
+        providers.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real]
+    )
+    with pytest.raises(DeviceError, match="listed but the session runs on CPUExecutionProvider"):
+        Predictor(embedded_dir, device="cuda")
+    auto = Predictor(embedded_dir, device="auto")
+    assert auto.provider == "CPUExecutionProvider"
+    assert "listed but" in auto.info()["device_note"]
+
+
+def test_auto_reports_provider(embedded_dir: Path) -> None:
+    p = Predictor(embedded_dir, device="auto")
+    expected = "CUDAExecutionProvider" if HAS_CUDA_EP else "CPUExecutionProvider"
+    if HAS_CUDA_EP and p.provider != expected:  # CUDA provider present but no usable GPU
+        assert p.info()["device_note"]
+    else:
+        assert p.provider == expected
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"device": "tpu"}, "unknown device"),
+        ({"threads": 0}, "threads"),
+        ({"max_batch": 0}, "max_batch"),
+    ],
+)
+def test_bad_options(embedded_dir: Path, kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Predictor(embedded_dir, **kw)
+
+
+# ---------------------------------------------------------------- raw feeds
+
+
+def test_run_raw_embedded(predictor: Predictor, tiny) -> None:
+    out = predictor.run({"node_ids": np.array([3, 4], np.int32)})
+    assert set(out) == {"logits", "embedding"}
+    np.testing.assert_allclose(out["logits"], tiny.forward(np.array([3, 4]))[0], rtol=1e-5)
+    with pytest.raises(InvalidInput, match="missing"):
+        predictor.run({})
+    with pytest.raises(InvalidInput, match="unexpected"):
+        predictor.run({"node_ids": [1], "x": [1]})
+    with pytest.raises(InvalidInput, match="integers"):
+        predictor.run({"node_ids": np.array([1.5])})
+    with pytest.raises(InvalidNodeIds, match="outside"):
+        predictor.run({"node_ids": [500]})
+
+
+@pytest.fixture(scope="module")
+def ell_predictor(tmp_path_factory: pytest.TempPathFactory) -> tuple[Predictor, np.ndarray]:
+    w = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+    out = write_export(tmp_path_factory.mktemp("ell") / "e", ell_onnx(w), "ell", 20, 5, 3)
+    return Predictor(out, device="cpu"), w
+
+
+def test_run_raw_ell(ell_predictor) -> None:
+    p, w = ell_predictor
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20, 5)).astype(np.float32)
+    nbr = rng.integers(0, 20, size=(7, 3))
+    weight = rng.random((7, 3)).astype(np.float64)  # cast to float32 by run()
+    out = p.run({"x": x, "nbr_1": nbr, "weight_1": weight})
+    ref = (x[nbr] * weight[..., None].astype(np.float32)).sum(1) @ w
+    np.testing.assert_allclose(out["logits"], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInput, match="'embedded' export"):
+        p.predict([0])
+    with pytest.raises(InvalidInput, match="must have 2 dims"):
+        p.run({"x": x, "nbr_1": nbr[0], "weight_1": weight})
+    with pytest.raises(InvalidInput, match="size 5 on axis 1"):
+        p.run({"x": x[:, :4], "nbr_1": nbr, "weight_1": weight})
+    with pytest.raises(InvalidInput, match="onnxruntime rejected"):
+        p.run({"x": x, "nbr_1": nbr, "weight_1": weight[:3]})
