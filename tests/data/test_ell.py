@@ -105,3 +105,14 @@ def test_parse_fanout():
     for bad in ("0", "-1", "many"):
         with pytest.raises(ConfigError, match="fanout"):
             parse_fanout(bad, 17)
+
+
+@pytest.mark.parametrize("norm", ["gcn", "mean"])
+def test_full_graph_gradient_matches_dense(graph, norm):
+    data, csr = graph
+    g = FullGraph(csr, norm)
+    dense = g._adj.to_dense()
+    h = torch.randn(csr.num_nodes, 5, requires_grad=True)
+    w = torch.randn(csr.num_nodes, 5)
+    (g.neighbors(h) * w).sum().backward()
+    assert torch.allclose(h.grad, dense.t() @ w, atol=1e-5)
