@@ -58,7 +58,8 @@ class KDSpec:
     beta: float = 1.0
     dissimilarity: str = "feature"
     kd_nodes: int | None = None
-    warmup_epochs: int = 0
+    #: None: the objective's default (20 epochs for abkd, else 0).
+    warmup_epochs: int | None = None
     normalize: bool | None = None
     teacher_mode: str = "frozen"
     options: dict[str, Any] = field(default_factory=dict)

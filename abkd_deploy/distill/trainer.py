@@ -43,6 +43,9 @@ class TrainConfig:
     amp: bool = True
     progress: bool = True
     teacher_lr: float = 1e-3
+    #: Weight decay of the distillation-only parameters (regressors, attention); None:
+    #: ``weight_decay``.
+    objective_weight_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1:
@@ -117,7 +120,14 @@ class Trainer:
         params = [{"params": model.parameters(), "lr": self.cfg.lr}]
         if self.objective is not None:
             self.objective.to(self.device)
-            params.append({"params": self.objective.parameters(), "lr": self.cfg.lr})
+            owd = self.cfg.objective_weight_decay
+            params.append(
+                {
+                    "params": self.objective.parameters(),
+                    "lr": self.cfg.lr,
+                    "weight_decay": self.cfg.weight_decay if owd is None else owd,
+                }
+            )
         if self.teacher is not None:
             self.teacher.to(self.device)
             self.teacher.requires_grad_(self.joint)

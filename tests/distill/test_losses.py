@@ -113,6 +113,9 @@ def test_unknown_option_is_a_config_error(name: str) -> None:
         ("abkd", {"dissimilarity": "cosine"}),
         ("abkd", {"kd_nodes": -3}),
         ("abkd", {"d_a": 0}),
+        ("abkd", {"student_layers": [5]}),
+        ("abkd", {"student_layers": "last"}),
+        ("abkd", {"detach_summaries": "maybe"}),
     ],
 )
 def test_bad_option_values(name: str, options: dict) -> None:
@@ -340,6 +343,34 @@ def test_abkd_kd_nodes_samples_rows() -> None:
     assert build("abkd", kd_nodes=10)(b).item() == first  # same seed, same sequence
     assert build("abkd", dissimilarity="similarity").kd_nodes == 512
     assert build("abkd").kd_nodes == 0  # feature: all rows
+
+
+@pytest.mark.parametrize(
+    ("option", "rows"), [("all", [0, 1]), ("hidden", [0]), ([-1], [1]), ("0,1", [0, 1])]
+)
+def test_abkd_student_layers_select_rows(option, rows) -> None:
+    term = build("abkd", student_layers=option)
+    assert term.student_layers == rows
+    assert len(term.regressors) == len(term.query) == len(rows)
+    b = make_batch()
+    term(b).backward()
+    assert term.attention().shape == (len(rows), len(DIMS.teacher))
+    for j, h in enumerate(b.student_hiddens):
+        assert (h.grad is not None) == (j in rows)
+
+
+def test_abkd_detach_summaries_keeps_attention_trainable() -> None:
+    b = make_batch()
+    term = build("abkd", detach_summaries=True)
+    student = [h for h in b.student_hiddens]
+    term.attention_weights(student, b.teacher_hiddens).pow(2).sum().backward()
+    assert all(h.grad is None for h in student)  # no path through s_j
+    assert all(w.weight.grad is not None for w in term.query) and term.position.grad is not None
+    build("abkd", detach_summaries=False).attention_weights(student, b.teacher_hiddens).pow(
+        2
+    ).sum().backward()
+    assert all(h.grad is not None for h in student)
+    assert build("abkd", detach_summaries="false").detach_summaries is False
 
 
 def test_abkd_joint_mode_reaches_teacher() -> None:

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from abkd_deploy.distill.losses import LayerDims
-from abkd_deploy.distill.objective import METHODS, Objective, term_options
+from abkd_deploy.distill.objective import (
+    DEFAULT_ABKD_WARMUP,
+    METHODS,
+    Objective,
+    term_options,
+)
 from abkd_deploy.errors import ConfigError
 from tests.distill.test_losses import DIMS, make_batch
 
@@ -86,7 +91,7 @@ def test_forward_total_is_weighted_sum_of_values() -> None:
 
 
 def test_normalize_matches_kd_magnitude_on_first_step_then_stays_fixed() -> None:
-    obj = build("abkd", beta=1.0)
+    obj = build("abkd", beta=1.0, warmup_epochs=0)  # no warm-up: the full weight at epoch 0
     assert obj.normalize  # default for abkd
     total, values = obj(make_batch(seed=1))
     scale = obj.scale_values()["abkd"]
@@ -133,7 +138,7 @@ def test_warmup_ramps_aux_weights() -> None:
 
 
 def test_parameters_are_distillation_only_and_get_gradients() -> None:
-    obj = build("abkd")
+    obj = build("abkd", warmup_epochs=0)
     names = {n for n, _ in obj.named_parameters()}
     assert names and all(n.startswith("terms.abkd.") for n in names)
     assert list(build("kd").parameters()) == []
@@ -146,6 +151,20 @@ def test_parameters_are_distillation_only_and_get_gradients() -> None:
     a = obj.attention()
     assert a is not None and a.shape == (len(DIMS.student), len(DIMS.teacher))
     assert build("kd").attention() is None
+
+
+def test_abkd_warms_up_by_default_others_do_not() -> None:
+    obj = build("abkd")
+    assert obj.warmup_epochs == DEFAULT_ABKD_WARMUP > 0
+    assert obj.effective_weights()["abkd"] == 0.0  # epoch 0: CE + KD only
+    total, values = obj(make_batch(seed=1))
+    assert total.item() == pytest.approx(0.3 * values["ce"] + 0.7 * values["kd"], rel=1e-5)
+    scale = obj.scale_values()["abkd"]
+    assert scale * values["abkd"] == pytest.approx(values["kd"], rel=1e-5)  # calibrated anyway
+    obj.set_epoch(DEFAULT_ABKD_WARMUP)
+    assert obj.effective_weights()["abkd"] == pytest.approx(scale)
+    assert build("abkd", warmup_epochs=0).warmup_epochs == 0
+    assert build("lsp").warmup_epochs == 0 and build("kd").warmup_epochs == 0
 
 
 def test_deterministic_given_seed() -> None:

@@ -28,8 +28,9 @@ def test_full_batch_training_learns(data):
 
 
 def test_mini_batch_training_learns(data):
-    cfg = TrainConfig(epochs=25, patience=25, progress=False, device="cpu", batch_size=64,
-                      fanouts=(5, 5))
+    cfg = TrainConfig(
+        epochs=25, patience=25, progress=False, device="cpu", batch_size=64, fanouts=(5, 5)
+    )
     result = Trainer(_model("sage"), data, cfg).fit()
     assert result.scores["val"] > 0.6
 
@@ -75,3 +76,30 @@ def test_training_on_cuda(data):
     result = Trainer(model, data, cfg).fit()
     assert next(model.parameters()).device.type == "cuda"
     assert result.scores["val"] > 0.5
+
+
+def test_objective_params_have_their_own_weight_decay(data, monkeypatch):
+    from abkd_deploy.distill.losses import LayerDims
+    from abkd_deploy.distill.objective import Objective
+
+    teacher = _model(layers=3)
+    original = torch.optim.Adam
+    for owd, expected in ((None, 5e-4), (0.0, 0.0)):
+        student = _model()
+        obj = Objective.from_method(
+            "abkd", LayerDims(teacher.layer_dims, student.layer_dims, 4), warmup_epochs=0
+        )
+        cfg = TrainConfig(
+            epochs=2, patience=2, progress=False, device="cpu", objective_weight_decay=owd
+        )
+        captured = []
+
+        def spy(params, captured=captured, **kw):
+            captured.append([dict(g) for g in params])
+            return original(params, **kw)
+
+        monkeypatch.setattr(torch.optim, "Adam", spy)
+        Trainer(student, data, cfg, objective=obj, teacher=teacher).fit()
+        student_group, objective_group = captured[0]
+        assert objective_group["weight_decay"] == expected
+        assert "weight_decay" not in student_group  # the student keeps cfg.weight_decay

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from abkd_deploy.errors import ConfigError
+
 from .base import KDBatch, LayerDims, LossTerm, register_loss
 from .dissimilarity import feature_dissimilarity, similarity_dissimilarity
 from .options import as_choice, as_int
@@ -21,6 +23,8 @@ from .options import as_choice, as_int
 DISSIMILARITIES = ("feature", "similarity")
 #: Node sample of the ``similarity`` form when ``kd_nodes`` is not given (its cost is n^2).
 DEFAULT_SIMILARITY_NODES = 512
+#: Which student layers take part by default (see :class:`AttentionKDTerm`).
+STUDENT_LAYER_CHOICES = ("all", "hidden")
 
 
 def fixed_orthogonal(d_in: int, d_out: int, generator: torch.Generator) -> Tensor:
@@ -58,11 +62,24 @@ class AttentionKDTerm(LossTerm):
       advanced every call).
 
     Gradients of L_att reach the student through ``D`` and through the summaries ``s_j``
-    (the spec does not stop them), and reach ``P_S``, ``W_q``, ``W_k`` and ``e``.
+    (the spec does not stop them; ``detach_summaries=True`` does), and reach ``P_S``,
+    ``W_q``, ``W_k`` and ``e``.
+
+    Training dynamics (measured on Cora, docs/benchmarks/distill.md): the per-node L2
+    normalisation makes the gradient of ``D`` scale as ``1 / ||a_S^j(v)||``, which is huge
+    for an untrained student (tiny activations); without a warm-up of ``beta`` the first
+    Adam steps follow L_att alone and kill the student's ReLU units. The objective
+    therefore warms ``abkd`` up by default (:data:`..objective.DEFAULT_ABKD_WARMUP`).
+
+    Spec choices left open, and how they were settled:
+
+    * Which student layers take part: all of them by default (the spec's "j = 1..L_S"),
+      the last one being the logits for GCN/SAGE/GAT students; ``student_layers="hidden"``
+      leaves the logits out.
 
     Args:
-        dims: Layer widths; every layer of ``student_hiddens`` / ``teacher_hiddens`` takes
-            part.
+        dims: Layer widths of ``student_hiddens`` / ``teacher_hiddens`` (every teacher
+            layer takes part; the student layers of ``student_layers``).
         dissimilarity: ``feature`` or ``similarity``.
         d_a: Shared width of the ``feature`` form. Default: the teacher width when all
             teacher layers share it (``R_T = I``), else the widest teacher layer, so that
@@ -72,6 +89,11 @@ class AttentionKDTerm(LossTerm):
         kd_nodes: Rows sampled for ``D`` when the batch has more. Default: all rows for
             ``feature``, 512 for ``similarity`` (the sample measured in DESIGN.md).
         seed: Seed of the fixed teacher maps and of the node sampler (default 0).
+        student_layers: ``all`` (default), ``hidden`` (all but the last, i.e. not the
+            logits), or student layer indices (``[0]``, ``"0,1"``, negative from the end).
+            The attention matrix has one row per participating layer.
+        detach_summaries: Detach ``s_j`` before the queries (default False: the spec's
+            gradient path through the attention into the student is kept).
 
     Raises:
         ConfigError: Unknown or out-of-range options.
@@ -86,10 +108,15 @@ class AttentionKDTerm(LossTerm):
         d_k: int = 32,
         kd_nodes: int | None = None,
         seed: int = 0,
+        student_layers: Any = "all",
+        detach_summaries: bool = False,
         **unknown: Any,
     ) -> None:
         super().__init__(dims, **unknown)
         self.dissimilarity = as_choice(self.name, "dissimilarity", dissimilarity, DISSIMILARITIES)
+        self.detach_summaries = _as_bool(self.name, "detach_summaries", detach_summaries)
+        self.student_layers = _student_layers(self.name, student_layers, len(dims.student))
+        s_dims = [dims.student[j] for j in self.student_layers]
         self.d_k = as_int(self.name, "d_k", d_k)
         self.seed = as_int(self.name, "seed", seed, low=0)
         if kd_nodes is None:
@@ -111,8 +138,8 @@ class AttentionKDTerm(LossTerm):
                 )
                 self.register_buffer(f"teacher_map_{i}", r)
             self.num_teacher_maps = len(dims.teacher)
-            self.regressors.extend(nn.Linear(d, self.d_a, bias=False) for d in dims.student)
-        self.query = nn.ModuleList(nn.Linear(d, self.d_k, bias=False) for d in dims.student)
+            self.regressors.extend(nn.Linear(d, self.d_a, bias=False) for d in s_dims)
+        self.query = nn.ModuleList(nn.Linear(d, self.d_k, bias=False) for d in s_dims)
         self.key = nn.ModuleList(nn.Linear(d, self.d_k, bias=False) for d in dims.teacher)
         self.position = nn.Parameter(torch.randn(len(dims.teacher), self.d_k) * 0.02)
         self.sampler = torch.Generator().manual_seed(self.seed)
@@ -140,7 +167,14 @@ class AttentionKDTerm(LossTerm):
         return self._dissimilarity
 
     def attention_weights(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        """``A = softmax_i(q_j . k_i / sqrt(d_k))`` from ``[n, d]`` hiddens; ``[L_S, L_T]``."""
+        """``A = softmax_i(q_j . k_i / sqrt(d_k))`` from ``[n, d]`` hiddens; ``[L_S, L_T]``.
+
+        ``student`` holds the participating student layers only. With
+        ``detach_summaries`` the summaries ``s_j`` are detached (A still trains ``W_q``,
+        ``W_k`` and ``e``, but L_att reaches the student only through ``D``).
+        """
+        if self.detach_summaries:
+            student = [h.detach() for h in student]
         q = torch.stack([w(h.mean(dim=0)) for w, h in zip(self.query, student, strict=True)])
         k = (
             torch.stack([w(h.mean(dim=0)) for w, h in zip(self.key, teacher, strict=True)])
@@ -156,7 +190,8 @@ class AttentionKDTerm(LossTerm):
             Scalar ``L_att``.
         """
         self.check_hiddens(batch)
-        student, teacher = batch.student_hiddens, batch.teacher_hiddens
+        student = [batch.student_hiddens[j] for j in self.student_layers]
+        teacher = batch.teacher_hiddens
         attn = self.attention_weights(student, teacher)
         n = batch.num_nodes
         if 0 < self.kd_nodes < n:
@@ -178,3 +213,37 @@ class AttentionKDTerm(LossTerm):
         self._attention = attn.detach()
         self._dissimilarity = dis.detach()
         return (attn * dis).sum(dim=1).mean()
+
+
+def _as_bool(term: str, key: str, value: Any) -> bool:
+    """``value`` as a bool (also ``"true"``/``"false"``/``"1"``/``"0"`` from a command line)."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{term}: option {key}={value!r} is not a boolean")
+    return bool(value)
+
+
+def _student_layers(term: str, value: Any, num_student: int) -> list[int]:
+    """Indices of the student layers that take part: ``all``, ``hidden`` (all but the
+    last, i.e. not the logits; ``all`` for a one-layer student), or explicit indices
+    (``[0]``, ``"0,1"``; negative ones count from the end)."""
+    if isinstance(value, str) and value.strip().lower() in STUDENT_LAYER_CHOICES:
+        if value.strip().lower() == "all" or num_student == 1:
+            return list(range(num_student))
+        return list(range(num_student - 1))
+    raw = value.split(",") if isinstance(value, str) else value
+    try:
+        idx = [int(v) for v in ([raw] if isinstance(raw, int) else raw)]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{term}: option student_layers={value!r}; expected all, hidden or layer indices"
+        ) from None
+    if not idx or any(not -num_student <= j < num_student for j in idx):
+        raise ConfigError(
+            f"{term}: option student_layers={value!r} out of range for {num_student} student layers"
+        )
+    return sorted({j % num_student for j in idx})
