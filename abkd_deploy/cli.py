@@ -185,9 +185,9 @@ def distill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--warmup-epochs",
             type=int,
-            default=0,
-            show_default=True,
-            help="Ramp beta up from 0 over this many epochs.",
+            default=None,
+            help="Ramp beta up from 0 over this many epochs (default: 20 for abkd, whose "
+            "unit-normalised feature loss otherwise swamps a fresh student; 0 otherwise).",
         ),
         click.option(
             "--normalize/--no-normalize",
@@ -335,7 +335,58 @@ def _not_built(name: str) -> Callable[..., None]:
     return cmd
 
 
-export = _not_built("export")
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Export directory to create (refused if it exists, unless --force).",
+)
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    default=("onnx",),
+    show_default=True,
+    help="onnx, torchscript or pt2; repeat for several.",
+)
+@click.option(
+    "--adjacency",
+    default="embedded",
+    show_default=True,
+    help="embedded (node ids in), ell (padded neighbour tables in) or coo.",
+)
+@click.option(
+    "--fanout",
+    "fanouts",
+    default=None,
+    help="Neighbours per layer, e.g. 10,10, or max (exact). "
+    "Default: 10 per layer for embedded, max for ell.",
+)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 16).")
+@click.option(
+    "--atol",
+    type=float,
+    default=None,
+    help="Max abs diff accepted vs PyTorch. Default: 1e-4 (float32), 1e-2 (float16).",
+)
+@click.option("--dtype", default="float32", show_default=True, help="float32 or float16.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the fanout tables and validation inputs.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing export directory.")
+@_friendly
+def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) -> None:
+    """Export the student of RUN_DIR, validated against PyTorch, into --out."""
+    from abkd_deploy.export.cli import run_export
+
+    run_export(run_dir, out_dir, formats, **kwargs)
 
 
 @main.command()
@@ -404,7 +455,11 @@ def serve(
     help="Run dir with teacher.safetensors (default: the export's run dir).",
 )
 @click.option("--batch-sizes", default="1,64,1024", show_default=True)
-@click.option("--models", default="teacher-torch,student-torch,student-onnx", show_default=True)
+@click.option(
+    "--models",
+    default="teacher-torch,student-torch,student-torch-export,student-onnx",
+    show_default=True,
+)
 @click.option(
     "--requests",
     type=click.IntRange(1),

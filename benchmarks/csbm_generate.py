@@ -34,18 +34,24 @@ def main() -> None:
     name = f"csbm:num_nodes={a.num_nodes},avg_degree={a.avg_degree}"
     runs = []
     for _ in range(a.repeats):
-        out = subprocess.run([sys.executable, "-c", CHILD, name], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, name], check=True, capture_output=True, text=True
+        ).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
-    print(json.dumps({
-        "dataset": name,
-        "num_nodes": runs[0]["num_nodes"],
-        "num_edges": runs[0]["num_edges"],
-        "seconds_median": statistics.median(r["seconds"] for r in runs),
-        "seconds_all": [round(r["seconds"], 2) for r in runs],
-        "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in runs),
-        "rss_before_generation_mb": statistics.median(r["rss_before_mb"] for r in runs),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "dataset": name,
+                "num_nodes": runs[0]["num_nodes"],
+                "num_edges": runs[0]["num_edges"],
+                "seconds_median": statistics.median(r["seconds"] for r in runs),
+                "seconds_all": [round(r["seconds"], 2) for r in runs],
+                "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in runs),
+                "rss_before_generation_mb": statistics.median(r["rss_before_mb"] for r in runs),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,23 @@ def test_version(runner):
 
 def test_teacher_writes_run_dir(runner, tmp_path):
     out = tmp_path / "t"
-    args = ["teacher", "--dataset", TINY, "--arch", "gcn", "--layers", "2", "--hidden", "8",
-            "--epochs", "5", "--device", "cpu", "--out", str(out)]
+    args = [
+        "teacher",
+        "--dataset",
+        TINY,
+        "--arch",
+        "gcn",
+        "--layers",
+        "2",
+        "--hidden",
+        "8",
+        "--epochs",
+        "5",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -49,29 +64,52 @@ def test_unknown_dataset_exit_2_lists_known(runner, tmp_path):
 
 
 def test_unknown_arch_exit_2(runner, tmp_path):
-    result = runner.invoke(main, ["teacher", "--dataset", TINY, "--arch", "gin",
-                                  "--out", str(tmp_path)])
+    result = runner.invoke(
+        main, ["teacher", "--dataset", TINY, "--arch", "gin", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 2 and "unknown architecture 'gin'" in result.output
 
 
 def test_missing_root_files_exit_1(runner, tmp_path):
-    result = runner.invoke(main, ["teacher", "--dataset", "planetoid:Cora", "--root",
-                                  str(tmp_path), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        main,
+        [
+            "teacher",
+            "--dataset",
+            "planetoid:Cora",
+            "--root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 1 and "error:" in result.output
     assert "Traceback" not in result.output
 
 
 def test_wrong_split_name_exit_2(runner, tmp_path, planetoid_root):
-    result = runner.invoke(main, ["teacher", "--dataset", "planetoid:Cora", "--root",
-                                  str(planetoid_root), "--split", "nope",
-                                  "--out", str(tmp_path)])
+    result = runner.invoke(
+        main,
+        [
+            "teacher",
+            "--dataset",
+            "planetoid:Cora",
+            "--root",
+            str(planetoid_root),
+            "--split",
+            "nope",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2 and "'nope'" in result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_device_cuda_without_cuda_is_an_error(runner, tmp_path):
-    result = runner.invoke(main, ["teacher", "--dataset", TINY, "--device", "cuda",
-                                  "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        main, ["teacher", "--dataset", TINY, "--device", "cuda", "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 1 and "CUDA is not available" in result.output
     assert not (tmp_path / "o").exists()
 

@@ -11,7 +11,10 @@ Protocol (numbers are medians, never single runs):
   requests). Per trial: p50/p95/p99/mean latency and throughput; reported values are the
   median over trials, and the per-trial lists are kept for the regression gate.
 * Models: ``teacher-torch`` (full-graph forward per request: a deep teacher's receptive
-  field is the whole graph), ``student-torch`` (the exported module, eager) and
+  field is the whole graph), ``student-torch`` (the trained student in eager PyTorch on
+  sampled blocks built from the export's fanout tables: how a PyTorch service would run
+  it), ``student-torch-export`` (the export-form module in eager PyTorch: the very
+  computation of the ONNX model, so the ratio to it is the runtime's own share) and
   ``student-onnx`` (:class:`~abkd_deploy.serve.predictor.Predictor`, the serving path).
 """
 
@@ -35,7 +38,7 @@ from abkd_deploy.errors import AbkdError, ConfigError
 from abkd_deploy.serve.manifest import load_manifest
 from abkd_deploy.utils import atomic_path, write_json
 
-MODELS = ("teacher-torch", "student-torch", "student-onnx")
+MODELS = ("teacher-torch", "student-torch", "student-torch-export", "student-onnx")
 REPORT_VERSION = 1
 
 
@@ -203,7 +206,7 @@ def _report(
         onnx = by.get(("student-onnx", b))
         if onnx is None:
             continue
-        for other in ("teacher-torch", "student-torch"):
+        for other in ("teacher-torch", "student-torch", "student-torch-export"):
             if (other, b) in by:
                 ratios[f"{other}/student-onnx p50 @ {b}"] = (
                     by[(other, b)]["p50_ms"] / onnx["p50_ms"]

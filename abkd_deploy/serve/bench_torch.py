@@ -26,10 +26,12 @@ def build_torch(spec: dict[str, Any]):
     device = resolve_device(spec["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if spec["model"] == "teacher-torch":
-        module, info = _teacher(spec, device)
-    else:
-        module, info = _student(spec, device)
+    builders = {
+        "teacher-torch": _teacher,
+        "student-torch": _student_sampled,
+        "student-torch-export": _student_export,
+    }
+    module, info = builders[spec["model"]](spec, device)
 
     @torch.inference_mode()
     def logits(ids: np.ndarray) -> np.ndarray:
@@ -63,8 +65,39 @@ def _teacher(spec: dict[str, Any], device: torch.device):
     }
 
 
-def _student(spec: dict[str, Any], device: torch.device):
-    from abkd_deploy.export.api import build_export_module
+def _student_sampled(spec: dict[str, Any], device: torch.device):
+    """The trained student as a PyTorch user serves it: per request, gather the
+    fixed-fanout blocks (the export's tables, de-duplicated) and run the model."""
+    from abkd_deploy.data.csr import CSR
+    from abkd_deploy.data.sampler import NeighborSampler
+    from abkd_deploy.export.reference import load_run_dataset
+    from abkd_deploy.utils import read_json
+
+    adj = read_json(Path(spec["export_dir"]) / "manifest.json")["adjacency"]
+    student, meta = load_model(spec["run_dir"], "student")
+    data = load_run_dataset(Path(spec["run_dir"]), meta, student)
+    csr = CSR.from_edge_index(data.edge_index, data.num_nodes)
+    sampler = NeighborSampler(
+        csr, adj["fanouts"], student.norm, seed=int(adj.get("sampling_seed") or 0)
+    )
+    x = data.x.to(device)
+    student = student.to(device).eval()
+
+    def answer(ids: torch.Tensor) -> torch.Tensor:
+        batch = sampler.sample(ids.cpu())
+        blocks = [b.to(device) for b in batch.blocks]
+        return student(x.index_select(0, batch.n_id.to(device)), blocks)[0]
+
+    size = (Path(spec["run_dir"]) / "student.safetensors").stat().st_size
+    return answer, {
+        "served_as": "PyTorch eager: trained student on sampled blocks "
+        f"(fanouts {adj['fanouts']}, same tables as the export)",
+        "model_bytes": size,
+    }
+
+
+def _student_export(spec: dict[str, Any], device: torch.device):
+    from abkd_deploy.export.rebuild import build_export_module
 
     module = build_export_module(spec["export_dir"])
     module = module.to(device).eval()
@@ -75,4 +108,7 @@ def _student(spec: dict[str, Any], device: torch.device):
     size = sum(b.numel() * b.element_size() for b in module.buffers()) + sum(
         p.numel() * p.element_size() for p in module.parameters()
     )
-    return answer, {"served_as": "PyTorch eager, the exported embedded module", "model_bytes": size}
+    return answer, {
+        "served_as": "PyTorch eager: the export-form module (same graph as the ONNX model)",
+        "model_bytes": size,
+    }

@@ -29,6 +29,19 @@ Logits = Callable[[np.ndarray], np.ndarray]  # node ids [b] -> logits (or log-pr
 
 
 def _rss_mb() -> float:
+    """Peak resident memory of this process image, in MB.
+
+    ``/proc/self/status`` VmHWM is reset by ``exec``; ``getrusage``'s ``ru_maxrss`` is not
+    (Linux carries the parent's peak across fork + exec), which would charge the bench
+    driver's memory to every worker.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -109,7 +109,7 @@ def test_parse_fanout():
 
 @pytest.mark.parametrize("norm", ["gcn", "mean"])
 def test_full_graph_gradient_matches_dense(graph, norm):
-    data, csr = graph
+    _data, csr = graph
     g = FullGraph(csr, norm)
     dense = g._adj.to_dense()
     h = torch.randn(csr.num_nodes, 5, requires_grad=True)

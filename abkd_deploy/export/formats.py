@@ -1,0 +1,97 @@
+"""Artifact formats (``onnx``, ``torchscript``, ``pt2``): the registry and its protocol.
+
+A format turns an export-form module (:mod:`abkd_deploy.export.modules`) plus its
+:class:`~abkd_deploy.export.adjacency.ExportSpec` into files, and loads them back as a
+:data:`Runner` so that validation and accuracy use the artifact itself, not the module.
+Formats register themselves in :data:`FORMATS` (one module each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from abkd_deploy.registry import Registry
+
+if TYPE_CHECKING:
+    from abkd_deploy.export.adjacency import ExportSpec
+
+#: Runs an artifact: flat fp32/int64 torch inputs -> float32 numpy outputs.
+Runner = Callable[[Sequence[Tensor]], list[np.ndarray]]
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ArtifactFormat:
+    """One artifact format.
+
+    Attributes:
+        name: Registry name (``--format``).
+        filename: Main file written in the export directory.
+        export: ``(module, spec, path, opset) -> files written`` (``module`` is already
+            in the artifact dtype; the first file is ``path``).
+        load: ``(path, dtype, threads) -> Runner``.
+    """
+
+    name: str
+    filename: str
+    export: Callable[[nn.Module, ExportSpec, Path, int], list[Path]]
+    load: Callable[[Path, torch.dtype, int], Runner]
+
+
+FORMATS: Registry[ArtifactFormat] = Registry("export format")
+
+
+def get_format(name: str) -> ArtifactFormat:
+    """The registered format ``name`` (ConfigError listing the known ones otherwise)."""
+    _import_builtin_formats()
+    return FORMATS.get(name)
+
+
+def format_names() -> list[str]:
+    _import_builtin_formats()
+    return FORMATS.names()
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """Float dtype of a module's first floating parameter or buffer (float32 if none)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def cast_inputs(inputs: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Float inputs -> ``dtype`` (the artifact's); integer inputs unchanged, contiguous."""
+    return [(t.to(dtype) if t.is_floating_point() else t).contiguous() for t in inputs]
+
+
+def as_numpy_outputs(outputs: Tensor | Sequence[Tensor]) -> list[np.ndarray]:
+    """Module outputs (one tensor or a tuple) -> list of float32 numpy arrays."""
+    if isinstance(outputs, Tensor):
+        outputs = (outputs,)
+    return [o.detach().float().cpu().numpy() for o in outputs]
+
+
+def torch_runner(module: Callable[..., Tensor], dtype: torch.dtype) -> Runner:
+    """A :data:`Runner` around a callable torch module (TorchScript / torch.export)."""
+
+    def run(inputs: Sequence[Tensor]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            return as_numpy_outputs(module(*cast_inputs(inputs, dtype)))
+
+    return run
+
+
+def _import_builtin_formats() -> None:
+    # Importing a format module registers it (one module per format).
+    import abkd_deploy.export.onnx_format
+    import abkd_deploy.export.pt2_format
+    import abkd_deploy.export.torchscript_format  # noqa: F401

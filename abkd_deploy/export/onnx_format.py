@@ -1,0 +1,160 @@
+"""``onnx`` format: ``torch.onnx.export(dynamo=True)`` with named dynamic dims.
+
+Why the dynamo exporter: it is torch's default and maintained path; the TorchScript
+exporter (``dynamo=False``) is deprecated, and at opset < 16 it silently writes
+ScatterElements without reduction (docs/FACTS). Both produce the same gather-only
+graphs for ``ell``/``embedded``; dynamo names the dynamic dims after the ``Dim`` s
+(``n0``, ``batch``, ...), which the manifest uses too.
+
+Weights larger than :data:`EXTERNAL_DATA_BYTES` go to ``model.onnx.data`` (ONNX
+external data: raw little-endian tensors, memory-mappable), so the protobuf stays far
+below its 2 GB limit. The manifest is stored in ``metadata_props`` by
+:func:`write_metadata` once validation has passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from abkd_deploy.errors import ExportError
+from abkd_deploy.export.adjacency import ExportSpec
+from abkd_deploy.export.formats import (
+    FORMATS,
+    ArtifactFormat,
+    Runner,
+    cast_inputs,
+    module_dtype,
+)
+
+#: Initializers above this total size are written as external data.
+EXTERNAL_DATA_BYTES = 256 * 2**20
+#: metadata_props key holding the manifest (docs/FORMATS.md).
+METADATA_KEY = "abkd_manifest"
+
+_ONNX_DTYPES = {torch.float32: "tensor(float)", torch.float16: "tensor(float16)"}
+
+
+def initializer_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers (what becomes ONNX initializers)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def export_onnx(module: nn.Module, spec: ExportSpec, path: Path, opset: int) -> list[Path]:
+    """Exports ``module`` (already in the artifact dtype) to ``path``.
+
+    Returns:
+        ``[model.onnx]`` or ``[model.onnx, model.onnx.data]``.
+
+    Raises:
+        ExportError: the exporter failed (its first line is kept).
+    """
+    example = tuple(cast_inputs(spec.example, module_dtype(module)))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                example,
+                None,
+                dynamo=True,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                opset_version=opset,
+                dynamic_shapes=spec.dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+            external = initializer_bytes(module) > EXTERNAL_DATA_BYTES
+            program.save(str(path), external_data=external)
+    except Exception as exc:  # exporter errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export failed: {first}") from exc
+    files = [path]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data)
+    _check_opset(path, opset)
+    return files
+
+
+def _check_opset(path: Path, opset: int) -> None:
+    model = onnx.load(str(path), load_external_data=False)
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise ExportError(f"ONNX exporter wrote opset {got}, not the requested {opset}")
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker.check_model(full_check=True)`` on the path (external data aware).
+
+    Raises:
+        ExportError: the model is invalid.
+    """
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ExportError(f"{path.name} fails onnx.checker: {first}") from None
+
+
+def op_types(path: Path) -> set[str]:
+    """Op types used in the main graph of an ONNX file."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {node.op_type for node in model.graph.node}
+
+
+def threads() -> int:
+    """The real number of CPU threads available to this process."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def load_onnx(path: Path, dtype: torch.dtype, num_threads: int) -> Runner:
+    """An onnxruntime CPU session on ``path`` as a :data:`Runner`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for node in session.get_inputs():
+        if node.type.startswith("tensor(float") and node.type != _ONNX_DTYPES[dtype]:
+            raise ExportError(f"{path.name}: input {node.name} is {node.type}, expected {dtype}")
+
+    def run(inputs) -> list:
+        feed = {n: t.numpy() for n, t in zip(names, cast_inputs(inputs, dtype))}
+        return [o.astype("float32", copy=False) for o in session.run(None, feed)]
+
+    return run
+
+
+def write_metadata(path: Path, manifest: dict[str, Any]) -> None:
+    """Stores ``manifest`` as JSON in ``metadata_props[abkd_manifest]`` (protobuf only).
+
+    External tensors keep their references: only ``model.onnx`` is rewritten.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    entries = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(entries)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = METADATA_KEY, json.dumps(manifest, sort_keys=False)
+    tmp = path.with_name(path.name + ".meta.tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+FORMATS.register("onnx")(ArtifactFormat("onnx", "model.onnx", export_onnx, load_onnx))

@@ -1,0 +1,79 @@
+"""Checking and parsing the options of an export (one-line ConfigErrors)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from abkd_deploy.data.ell import parse_fanout
+from abkd_deploy.errors import ConfigError
+from abkd_deploy.export.formats import DTYPES, ArtifactFormat, get_format
+
+MIN_OPSET = 16
+#: Default ``atol`` per artifact dtype.
+DEFAULT_ATOL = {"float32": 1e-4, "float16": 1e-2}
+
+
+def parse_fanouts(
+    value: str | int | Sequence[int | str], num_layers: int, max_degree: int
+) -> list[int]:
+    """``"10,5"`` / ``[10, 5]`` / ``"max"`` / ``7`` -> one ``K`` per layer.
+
+    Raises:
+        ConfigError: a bad value, or a count that is neither 1 nor ``num_layers``.
+    """
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, int):
+        parts = [value]
+    else:
+        parts = list(value)
+    if len(parts) == 1:
+        parts = parts * num_layers
+    if len(parts) != num_layers:
+        raise ConfigError(
+            f"fanout {value!r} has {len(parts)} values but the student has {num_layers} "
+            f"layers; expected 1 or {num_layers} comma-separated values (or 'max')"
+        )
+    return [parse_fanout(p, max_degree) for p in parts]
+
+
+def resolve_formats(formats: Sequence[str] | str) -> list[ArtifactFormat]:
+    """Registered formats for ``formats`` (names, de-duplicated, order kept)."""
+    names = [formats] if isinstance(formats, str) else list(formats)
+    if not names:
+        raise ConfigError("no export format given; expected one or more of onnx, torchscript, pt2")
+    out: list[ArtifactFormat] = []
+    for name in names:
+        fmt = get_format(name)
+        if fmt not in out:
+            out.append(fmt)
+    return out
+
+
+def check_options(adjacency: str, opset: int, dtype: str, atol: float | None) -> float:
+    """Checks opset and dtype for ``adjacency``; returns the resolved ``atol``."""
+    if int(opset) < MIN_OPSET:
+        raise ConfigError(
+            f"opset {opset} is not supported; expected >= {MIN_OPSET} (default 18): older "
+            "opsets turn scatter-add into an overwrite and give silently wrong results"
+        )
+    if adjacency == "coo" and int(opset) < 18:
+        raise ConfigError(f"coo adjacency needs opset >= 18 (ScatterElements add/max); got {opset}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
+    atol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
+    if not atol >= 0:
+        raise ConfigError(f"atol={atol}; expected >= 0")
+    return atol
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuses an existing ``out_dir`` unless ``force``; creates its parent."""
+    if out_dir.exists() and not force:
+        raise ConfigError(
+            f"output directory {str(out_dir)!r} already exists; use --force to replace it"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output path {str(out_dir)!r} exists and is not a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,52 @@
+"""Rebuild the export-form PyTorch module of an export directory (for eager baselines).
+
+``bench`` compares the onnxruntime artifact with the *same computation* in PyTorch eager:
+this rebuilds it from the manifest (run dir, adjacency format, fanouts and sampling
+seed), so the fanout tables are exactly the exported ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from abkd_deploy.data.csr import CSR
+from abkd_deploy.data.sampler import NeighborSampler
+from abkd_deploy.errors import CheckpointError
+from abkd_deploy.export.adjacency import ADJACENCY, ExportContext
+from abkd_deploy.export.reference import eval_ids, load_run_dataset
+from abkd_deploy.models import load_model
+from abkd_deploy.utils import read_json
+
+
+def build_export_module(export_dir: str | Path) -> nn.Module:
+    """The float32 export-form module (eval mode, CPU) that ``export_dir`` was made from.
+
+    Raises:
+        CheckpointError: the manifest names no run dir, or the run dir is gone.
+    """
+    manifest = read_json(Path(export_dir) / "manifest.json")
+    run_dir = (manifest.get("provenance") or {}).get("run_dir")
+    if not run_dir or not (Path(run_dir) / "student.json").is_file():
+        raise CheckpointError(
+            f"{export_dir}: the manifest's run dir {run_dir!r} holds no student to rebuild from"
+        )
+    adj = manifest["adjacency"]
+    student, meta = load_model(run_dir, "student")
+    student = student.float().cpu().eval()
+    data = load_run_dataset(Path(run_dir), meta, student)
+    csr = CSR.from_edge_index(data.edge_index, data.num_nodes)
+    fanouts = adj.get("fanouts") or [max(1, csr.max_degree)] * student.num_layers
+    seed = int(adj.get("sampling_seed") or 0)
+    sampler = NeighborSampler(csr, fanouts, student.norm, seed=seed)
+    ctx = ExportContext(
+        student,
+        data,
+        csr,
+        list(fanouts),
+        sampler,
+        eval_ids(data, seed),
+        manifest.get("dtype", "float32"),
+    )
+    return ADJACENCY.get(adj["format"]).build(ctx).module.eval()

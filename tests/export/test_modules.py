@@ -1,0 +1,83 @@
+"""Export-form modules equal the student on the graph operands they replace (no export)."""
+
+import pytest
+import torch
+
+from abkd_deploy.data.csbm import CSBMConfig, generate_csbm
+from abkd_deploy.data.csr import CSR
+from abkd_deploy.data.ell import EllBlock, sample_fanout_table
+from abkd_deploy.data.graph import FullGraph
+from abkd_deploy.export.fold import fold_input_transform
+from abkd_deploy.export.modules import (
+    TABLE_FIRST_ARCHS,
+    CooStudent,
+    EllStudent,
+    EmbeddedStudent,
+)
+from abkd_deploy.models import build_model
+
+ARCHS = ["gcn", "sage", "gat", "gcnii", "mlp"]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    data = generate_csbm(CSBMConfig(num_nodes=300, avg_degree=6, num_features=24))
+    return data, CSR.from_edge_index(data.edge_index, data.num_nodes)
+
+
+def _model(arch: str):
+    torch.manual_seed(1)
+    return build_model(arch, in_channels=24, hidden=8, out_channels=3, num_layers=2).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ell_student_exact_equals_full_graph(graph, arch):
+    data, csr = graph
+    model = _model(arch)
+    table = sample_fanout_table(csr, csr.max_degree)
+    w, sw = table.weights(model.norm)
+    per_layer = [table.nbr, w] + ([sw] if model.norm == "gcn" else [])
+    with torch.no_grad():
+        full = model(data.x, FullGraph(csr, model.norm))[0]
+        ell = EllStudent(model)(data.x, *per_layer, *per_layer)
+    assert torch.allclose(full, ell, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_coo_student_equals_full_graph(graph, arch):
+    data, csr = graph
+    model = _model(arch)
+    with torch.no_grad():
+        full = model(data.x, FullGraph(csr, model.norm))[0]
+        coo = CooStudent(model)(data.x, data.edge_index)
+    assert torch.allclose(full, coo, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fold", [True, False])
+def test_embedded_student_equals_student_on_same_tables(graph, arch, fold):
+    data, csr = graph
+    model = _model(arch)
+    tables = [sample_fanout_table(csr, 4, seed=s) for s in (0, 1)]
+    if fold:
+        folded = fold_input_transform(model, data.x)
+        assert folded.features.size(1) < data.x.size(1)
+        assert (folded.dst_features is not None) == (arch == "sage")
+        module = EmbeddedStudent(
+            folded.model,
+            folded.features,
+            tables,
+            index_dtype=torch.int32,
+            dst_features=folded.dst_features,
+            table_first=arch in TABLE_FIRST_ARCHS,
+        )
+    else:
+        module = EmbeddedStudent(model, data.x, tables)
+    ids = torch.tensor([5, 5, 0, 299, 17, 5])
+    with torch.no_grad():
+        ref, hiddens = model(data.x, [EllBlock.full_graph(t, model.norm) for t in tables])
+        logits, emb = module(ids)
+    assert torch.allclose(ref[ids], logits, atol=1e-5)
+    expected_emb = hiddens[-1] if arch == "gcnii" else hiddens[-2]
+    assert torch.allclose(expected_emb[ids], emb, atol=1e-5)
+    assert module.nbr_1.dtype == (torch.int32 if fold else torch.int64)
