@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -44,6 +45,20 @@ METADATA_KEY = "abkd_manifest"
 _ONNX_DTYPES = {torch.float32: "tensor(float)", torch.float16: "tensor(float16)"}
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silences the exporter's chatter (stdout, warnings, 'torchvision is not installed')."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def initializer_bytes(module: nn.Module) -> int:
     """Bytes of all parameters and buffers (what becomes ONNX initializers)."""
     tensors = list(module.parameters()) + list(module.buffers())
@@ -61,8 +76,7 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: Path, opset: int) -> 
     """
     example = tuple(cast_inputs(spec.example, module_dtype(module)))
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with _quiet_exporter():
             program = torch.onnx.export(
                 module,
                 example,
