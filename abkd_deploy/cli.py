@@ -179,8 +179,8 @@ def distill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--kd-nodes",
             type=int,
             default=None,
-            help="Node sample for the ABKD dissimilarity (default: all nodes for "
-            "feature, 512 for similarity).",
+            help="Node sample for the ABKD dissimilarity; 0 = all nodes (default: 4096 "
+            "for feature, 512 for similarity).",
         ),
         click.option(
             "--warmup-epochs",
@@ -381,6 +381,13 @@ def _not_built(name: str) -> Callable[..., None]:
     help="Seed of the fanout tables and validation inputs.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing export directory.")
+@click.option(
+    "--precompute/--no-precompute",
+    default=True,
+    show_default=True,
+    help="embedded gcn/sage students: store layers 1..L-1's outputs for every node, so a "
+    "request runs only the last layer (same outputs, much less work per request).",
+)
 @_friendly
 def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) -> None:
     """Export the student of RUN_DIR, validated against PyTorch, into --out."""

@@ -32,6 +32,7 @@ from abkd_deploy.export.modules import (
     EllStudent,
     EmbeddedStudent,
 )
+from abkd_deploy.export.precompute import can_precompute, precompute_student
 from abkd_deploy.models.base import GNN
 from abkd_deploy.registry import Registry
 
@@ -54,6 +55,9 @@ class ExportContext:
             drawn with seed ``seed + l - 1``); also builds evaluation blocks.
         eval_ids: [n] sorted test node ids on which accuracy is computed.
         dtype: Artifact float dtype name (``float32`` / ``float16``), for the specs.
+        precompute: ``embedded`` only: store the outputs of layers ``1..L-1`` instead of
+            computing them per request (:mod:`abkd_deploy.export.precompute`), where the
+            architecture allows it.
     """
 
     student: GNN
@@ -63,6 +67,7 @@ class ExportContext:
     sampler: NeighborSampler
     eval_ids: Tensor
     dtype: str = "float32"
+    precompute: bool = False
 
     @property
     def tables(self) -> list[FanoutTable]:
@@ -91,6 +96,8 @@ class ExportSpec:
         logits: ``runner -> [len(eval_ids), C]`` logits of the artifact on the evaluated
             test nodes (``runner`` = the module itself gives the PyTorch numbers).
         params: Format parameters recorded under the manifest's ``adjacency``.
+        reference: Module the artifact is validated against when it is not ``module``
+            itself (a precomputed ``embedded`` module is checked against the tree form).
     """
 
     module: nn.Module
@@ -103,6 +110,7 @@ class ExportSpec:
     validation: list[tuple[str, tuple[Tensor, ...]]]
     logits: Callable[[Runner], np.ndarray]
     params: dict[str, Any] = field(default_factory=dict)
+    reference: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,11 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
             table_first=table_first,
         )
         features, layout = folded.features, "first_linear_folded"
+    tree, precomputed = module, 0
+    if ctx.precompute and can_precompute(student):
+        module = precompute_student(student, ctx.data.x, ctx.tables, index_dtype)
+        features, layout = module.last.features, "precomputed"
+        precomputed = student.num_layers - 1
     gen = ctx.generator()
     example = (torch.randint(0, n_nodes, (11,), generator=gen),)
     seven = torch.randint(0, n_nodes, (7,), generator=gen)
@@ -296,8 +309,10 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
             "features": layout,
             "feature_width": int(features.size(1)),
             "dst_features": module.dst_features is not None,
-            "first_layer": "table" if module.table_first else "tree",
+            "first_layer": "table" if precomputed or module.table_first else "tree",
+            "precomputed_layers": precomputed,
         },
+        reference=tree if precomputed else None,
     )
 
 

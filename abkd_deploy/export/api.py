@@ -65,6 +65,7 @@ def export(
     force: bool = False,
     seed: int = 0,
     progress: bool = True,
+    precompute: bool = True,
 ) -> dict[str, Any]:
     """Exports the student of ``run_dir`` into ``out_dir`` (see module docstring).
 
@@ -83,6 +84,9 @@ def export(
         force: Replace an existing ``out_dir``.
         seed: Seed of the fanout tables and of the validation inputs.
         progress: Print steps and validation results to stderr.
+        precompute: ``embedded`` ``gcn``/``sage`` students: store the outputs of layers
+            ``1..L-1`` for every node (computed once here), so a request runs only the
+            last layer (:mod:`abkd_deploy.export.precompute`). Same outputs.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -123,7 +127,7 @@ def export(
     sampler = NeighborSampler(csr, ks, student.norm, seed=seed)
     stages["tables_s"] = time.perf_counter() - start - sum(stages.values())
     scored = eval_ids(data, seed)
-    ctx = ExportContext(student, data, csr, ks, sampler, scored, dtype)
+    ctx = ExportContext(student, data, csr, ks, sampler, scored, dtype, precompute)
     log(
         f"export: {student.arch} student ({count_parameters(student):,} params), "
         f"{adj.name} adjacency, fanouts {ks}, {data.num_nodes:,} nodes; formats "
@@ -227,8 +231,9 @@ def _export_one(
     from abkd_deploy.export.onnx_format import threads
 
     runner = fmt.load(paths[0], DTYPES[dtype], threads())
+    reference = spec.module if spec.reference is None else spec.reference
     diffs = validate_artifact(
-        fmt.name, runner, spec.module, spec.validation, spec.output_names, atol, log
+        fmt.name, runner, reference, spec.validation, spec.output_names, atol, log
     )
     t2 = time.perf_counter()
     acc = score(ctx.data.metric, y, spec.logits(runner))

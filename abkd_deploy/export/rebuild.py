@@ -48,5 +48,6 @@ def build_export_module(export_dir: str | Path) -> nn.Module:
         sampler,
         eval_ids(data, seed),
         manifest.get("dtype", "float32"),
+        precompute=bool(adj.get("precomputed_layers")),
     )
     return ADJACENCY.get(adj["format"]).build(ctx).module.eval()

@@ -342,7 +342,8 @@ def test_abkd_kd_nodes_samples_rows() -> None:
     assert first != second  # a fresh sample each call
     assert build("abkd", kd_nodes=10)(b).item() == first  # same seed, same sequence
     assert build("abkd", dissimilarity="similarity").kd_nodes == 512
-    assert build("abkd").kd_nodes == 0  # feature: all rows
+    assert build("abkd").kd_nodes == 4096  # feature: all rows up to 4096
+    assert build("abkd", kd_nodes=0).kd_nodes == 0  # 0: always all rows
 
 
 @pytest.mark.parametrize(

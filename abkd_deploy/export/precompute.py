@@ -1,0 +1,128 @@
+"""Precompute the first ``L - 1`` layers of an ``embedded`` student at export time.
+
+In the ``embedded`` form the node features and the fanout tables are constants, so the
+output of layers ``1..L-1`` for node ``v`` depends on ``v`` alone: it is the same for
+every request. Exporting it as a table ``H`` ([N, hidden], the input of the last layer)
+leaves one layer per request: gather the ``K_L`` table rows of each target instead of
+its whole ``prod(1 + K_l)``-row receptive-field tree. The last layer's own linear map is
+folded into ``H`` as well (:mod:`abkd_deploy.export.fold`), so a request is two gathers
+of ``C``-wide rows and a weighted sum. Outputs equal the tree form's up to float rounding
+(validation compares them, see :func:`abkd_deploy.export.adjacency.build_embedded`).
+
+Only for :class:`~abkd_deploy.models.base.LayerStack` students whose layers read their
+input through the operand alone (``gcn``, ``sage``); ``gat`` and ``gcnii`` keep the tree.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from abkd_deploy.data.ell import FanoutTable
+from abkd_deploy.export.fold import fold_input_transform
+from abkd_deploy.export.modules import EmbeddedStudent, TableBlock
+from abkd_deploy.models.base import GNN, LayerStack
+
+#: Archs whose hidden layers can be precomputed.
+PRECOMPUTE_ARCHS = ("gcn", "sage")
+#: Gathered elements per chunk of destination rows (bounds the temporary memory).
+CHUNK_ELEMENTS = 1 << 26
+
+
+def can_precompute(student: GNN) -> bool:
+    """Whether :func:`precompute_student` supports ``student`` (and it has >= 2 layers)."""
+    return (
+        isinstance(student, LayerStack)
+        and student.arch in PRECOMPUTE_ARCHS
+        and student.num_layers >= 2
+    )
+
+
+@torch.no_grad()
+def hidden_table(student: LayerStack, x: Tensor, tables: Sequence[FanoutTable]) -> Tensor:
+    """Outputs of layers ``1..L-1`` (after the activation) for every node.
+
+    Layer ``l`` aggregates over table ``l``, exactly as the tree form does for any node
+    at any level, so each row is what a request would compute for that node.
+
+    Args:
+        student: Trained student in eval mode.
+        x: [N, F] node features.
+        tables: Fanout tables, layer 1 first (``L`` of them; the last is not used here).
+
+    Returns:
+        [N, hidden], the input of the last layer.
+    """
+    act = getattr(F, student.activation)
+    h = x
+    for layer, table in zip(student.layers[:-1], tables[:-1]):
+        w, sw = table.weights(student.norm)
+        n, k = table.nbr.shape
+        step = max(1, CHUNK_ELEMENTS // (k * max(h.size(1), student.hidden)))
+        parts = []
+        for i in range(0, n, step):
+            rows = torch.arange(i, min(n, i + step))
+            op = TableBlock(
+                table.nbr[i : i + step], w[i : i + step], None if sw is None else sw[rows], rows
+            )
+            parts.append(act(layer(h, op)))
+        h = torch.cat(parts)
+    return h.contiguous()
+
+
+class PrecomputedStudent(nn.Module):
+    """``embedded`` module with layers ``1..L-1`` precomputed.
+
+    Args:
+        last: The folded one-layer model of the student's last layer, as an
+            :class:`~abkd_deploy.export.modules.EmbeddedStudent` reading its table.
+        hidden: [N, hidden] outputs of layer ``L - 1`` (the ``embedding`` output).
+    """
+
+    def __init__(self, last: EmbeddedStudent, hidden: Tensor) -> None:
+        super().__init__()
+        self.last = last
+        self.register_buffer("hidden", hidden.contiguous())
+
+    @property
+    def dst_features(self) -> Tensor | None:
+        return self.last.dst_features
+
+    def forward(self, node_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``node_ids`` [B] int64 -> ``(logits [B, C], embedding [B, hidden])``."""
+        logits, _ = self.last(node_ids)
+        return logits, self.hidden.index_select(0, node_ids)
+
+
+def precompute_student(
+    student: LayerStack,
+    x: Tensor,
+    tables: Sequence[FanoutTable],
+    index_dtype: torch.dtype = torch.int64,
+) -> PrecomputedStudent:
+    """Builds the precomputed ``embedded`` module (see the module docstring).
+
+    Raises:
+        ValueError: ``student`` is not supported (check :func:`can_precompute` first).
+    """
+    if not can_precompute(student):
+        raise ValueError(f"cannot precompute the hidden layers of a {student.arch} student")
+    hidden = hidden_table(student, x, tables)
+    last = copy.deepcopy(student).eval()
+    last.layers = nn.ModuleList([last.layers[-1]])
+    last.num_layers, last.in_channels = 1, student.hidden
+    folded = fold_input_transform(last, hidden)
+    assert folded is not None  # every PRECOMPUTE_ARCHS arch has a folder
+    module = EmbeddedStudent(
+        folded.model,
+        folded.features,
+        [tables[-1]],
+        index_dtype=index_dtype,
+        dst_features=folded.dst_features,
+        table_first=True,
+    )
+    return PrecomputedStudent(module, hidden)
