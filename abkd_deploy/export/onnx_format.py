@@ -38,7 +38,7 @@ from abkd_deploy.export.formats import (
 )
 
 #: Initializers above this total size are written as external data.
-EXTERNAL_DATA_BYTES = 256 * 2**20
+EXTERNAL_DATA_BYTES = 64 * 2**20
 #: metadata_props key holding the manifest (docs/FORMATS.md).
 METADATA_KEY = "abkd_manifest"
 
