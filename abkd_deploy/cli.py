@@ -179,8 +179,8 @@ def distill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--kd-nodes",
             type=int,
             default=None,
-            help="Node sample for the ABKD dissimilarity; 0 = all nodes (default: 4096 "
-            "for feature, 512 for similarity).",
+            help="Node sample for the ABKD dissimilarity; 0 = all nodes (default: feature: "
+            "all nodes up to 4096, else 1024; similarity: 512).",
         ),
         click.option(
             "--warmup-epochs",

@@ -342,8 +342,21 @@ def test_abkd_kd_nodes_samples_rows() -> None:
     assert first != second  # a fresh sample each call
     assert build("abkd", kd_nodes=10)(b).item() == first  # same seed, same sequence
     assert build("abkd", dissimilarity="similarity").kd_nodes == 512
-    assert build("abkd").kd_nodes == 4096  # feature: all rows up to 4096
     assert build("abkd", kd_nodes=0).kd_nodes == 0  # 0: always all rows
+
+
+def test_abkd_default_sample_only_on_large_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from abkd_deploy.distill.losses import abkd
+
+    monkeypatch.setattr(abkd, "LARGE_BATCH_NODES", 30)
+    monkeypatch.setattr(abkd, "DEFAULT_FEATURE_NODES", 10)
+    term = build("abkd")  # feature, no kd_nodes: automatic
+    assert term.auto_sample and term.kd_nodes == 10
+    small = make_batch(n=25)
+    assert term(small).item() == term(small).item()  # <= 30 rows: all of them, no sampling
+    large = make_batch(n=50)
+    assert term(large).item() != term(large).item()  # > 30 rows: a fresh sample per call
+    assert not build("abkd", kd_nodes=10).auto_sample
 
 
 @pytest.mark.parametrize(
@@ -395,3 +408,41 @@ def test_dissimilarities_match_direct_formulas() -> None:
     gram_b = [nz(y, dim=-1) @ nz(y, dim=-1).T for y in b]
     sim = torch.tensor([[((gx - gy) ** 2).mean() for gy in gram_b] for gx in gram])
     assert torch.allclose(similarity_dissimilarity(c, b), sim, atol=1e-5)
+
+
+@pytest.mark.parametrize("dissimilarity", ["feature", "similarity"])
+@pytest.mark.parametrize("kd_nodes", [0, 10])
+def test_abkd_frozen_teacher_cache_matches_uncached(
+    monkeypatch: pytest.MonkeyPatch, dissimilarity: str, kd_nodes: int
+) -> None:
+    """The cached teacher side (frozen teacher, same tensors every step) changes nothing."""
+    from abkd_deploy.distill.losses import abkd
+
+    b = make_batch(n=50)
+    cached = build("abkd", dissimilarity=dissimilarity, kd_nodes=kd_nodes)
+    values = [cached(b) for _ in range(3)]
+    assert cached._cache is not None and cached._cache["refs"][0] is b.teacher_hiddens[0]
+    monkeypatch.setattr(abkd, "TEACHER_CACHE_BYTES", -1)  # force the uncached path
+    plain = build("abkd", dissimilarity=dissimilarity, kd_nodes=kd_nodes)
+    expected = [plain(b) for _ in range(3)]
+    assert plain._cache is None
+    for got, want in zip(values, expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    g_cached = torch.autograd.grad(cached(b), b.student_hiddens)
+    g_plain = torch.autograd.grad(plain(b), b.student_hiddens)
+    for a, c in zip(g_cached, g_plain):
+        assert torch.allclose(a, c, atol=1e-6)
+
+
+def test_abkd_cache_follows_new_teacher_tensors_and_skips_joint_mode() -> None:
+    term = build("abkd")
+    first = make_batch(n=20, seed=1)
+    term(first)
+    second = make_batch(n=20, seed=2)  # new tensors (next mini-batch): recomputed
+    value = term(second)
+    assert term._cache["refs"][0] is second.teacher_hiddens[0]
+    fresh = build("abkd")
+    assert torch.allclose(value, fresh(second), atol=1e-6)
+    joint = build("abkd")
+    joint(make_batch(n=20, teacher_grad=True))  # teacher carries gradients: not cached
+    assert joint._cache is None

@@ -17,16 +17,23 @@ from torch import Tensor, nn
 from abkd_deploy.errors import ConfigError
 
 from .base import KDBatch, LayerDims, LossTerm, register_loss
-from .dissimilarity import feature_dissimilarity, similarity_dissimilarity
+from .dissimilarity import similarity_dissimilarity, unit_feature_dissimilarity, unit_rows
 from .options import as_choice, as_int
 
 DISSIMILARITIES = ("feature", "similarity")
 #: Node sample of the ``similarity`` form when ``kd_nodes`` is not given (its cost is n^2).
 DEFAULT_SIMILARITY_NODES = 512
-#: Node sample of the ``feature`` form when ``kd_nodes`` is not given. Batches up to this
-#: size use all rows (Cora: 2,708); larger graphs (Tolokers: 11,758 nodes, 4 teacher x 2
-#: student layers at d_a = 256) would otherwise pay ~2x the KD step time for ``D``.
-DEFAULT_FEATURE_NODES = 4096
+#: ``feature`` form without ``kd_nodes``: batches of up to :data:`LARGE_BATCH_NODES` rows
+#: use all of them (DESIGN.md: "D is computed on a node sample when the graph is large"),
+#: larger ones a sample of :data:`DEFAULT_FEATURE_NODES`. Measured on Tolokers (4 teacher
+#: x 2 student layers, d_a = 256, KD epoch 14 ms): ABKD/KD time per epoch 2.5x with all
+#: 11,758 rows, 1.7x with 2,048, 1.35x with 1,024, the same validation score
+#: (docs/BENCHMARKS.md).
+DEFAULT_FEATURE_NODES = 1024
+LARGE_BATCH_NODES = 4096
+#: Largest cache of a frozen teacher's normalised features (bytes); above it the teacher
+#: side is recomputed on the node sample every step.
+TEACHER_CACHE_BYTES = 512 * 2**20
 #: Which student layers take part by default (see :class:`AttentionKDTerm`).
 STUDENT_LAYER_CHOICES = ("all", "hidden")
 
@@ -91,7 +98,8 @@ class AttentionKDTerm(LossTerm):
             Unused by ``similarity``.
         d_k: Width of queries and keys (default 32).
         kd_nodes: Rows sampled for ``D`` when the batch has more (0: all rows). Default:
-            4096 for ``feature`` (:data:`DEFAULT_FEATURE_NODES`), 512 for ``similarity``
+            ``feature``: all rows up to 4,096, else 1,024 (:data:`LARGE_BATCH_NODES`,
+            :data:`DEFAULT_FEATURE_NODES`); ``similarity``: 512
             (the sample measured in DESIGN.md).
         seed: Seed of the fixed teacher maps and of the node sampler (default 0).
         student_layers: ``all`` (default), ``hidden`` (all but the last, i.e. not the
@@ -124,6 +132,8 @@ class AttentionKDTerm(LossTerm):
         s_dims = [dims.student[j] for j in self.student_layers]
         self.d_k = as_int(self.name, "d_k", d_k)
         self.seed = as_int(self.name, "seed", seed, low=0)
+        #: ``feature`` without an explicit sample: all rows of small batches (see forward)
+        self.auto_sample = kd_nodes is None and self.dissimilarity == "feature"
         if kd_nodes is None:
             similarity = self.dissimilarity == "similarity"
             kd_nodes = DEFAULT_SIMILARITY_NODES if similarity else DEFAULT_FEATURE_NODES
@@ -151,6 +161,42 @@ class AttentionKDTerm(LossTerm):
         self.sampler = torch.Generator().manual_seed(self.seed)
         self._attention: Tensor | None = None
         self._dissimilarity: Tensor | None = None
+        self._cache: dict[str, Any] | None = None
+
+    def _map_teacher(self, teacher: list[Tensor]) -> list[Tensor]:
+        """``a_T^i = H_T^i R_T^i`` (no product for identity maps)."""
+        if self.teacher_identity:
+            return list(teacher)
+        return [h @ r.to(h.dtype) for h, r in zip(teacher, self.teacher_maps(), strict=True)]
+
+    @torch.no_grad()
+    def _teacher_cache(self, teacher: list[Tensor]) -> dict[str, Any] | None:
+        """Layer means and (``feature``) unit-row teacher features, computed once while the
+        very same frozen teacher tensors come back (full-batch training with a frozen,
+        cached teacher); ``None`` when they cannot be cached (joint mode: they carry
+        gradients; new tensors every mini-batch; or more than
+        :data:`TEACHER_CACHE_BYTES`)."""
+        if any(h.requires_grad for h in teacher):
+            return None
+        cached = self._cache
+        if (
+            cached is not None
+            and len(cached["refs"]) == len(teacher)
+            and all(a is b for a, b in zip(cached["refs"], teacher, strict=True))
+        ):
+            return cached
+        n = teacher[0].shape[0]
+        size = len(teacher) * n * (self.d_a if self.dissimilarity == "feature" else 0) * 4
+        if size > TEACHER_CACHE_BYTES:
+            return None
+        self._cache = {
+            "refs": list(teacher),
+            "means": [h.mean(dim=0) for h in teacher],
+            "unit": unit_rows(self._map_teacher(teacher)).float()
+            if self.dissimilarity == "feature"
+            else None,
+        }
+        return self._cache
 
     def teacher_maps(self) -> list[Tensor]:
         """The fixed ``[d_T^i, d_a]`` maps ``R_T^i`` (empty for ``similarity``)."""
@@ -172,7 +218,12 @@ class AttentionKDTerm(LossTerm):
             raise RuntimeError("abkd: last_dissimilarity() needs a forward pass first")
         return self._dissimilarity
 
-    def attention_weights(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    def attention_weights(
+        self,
+        student: list[Tensor],
+        teacher: list[Tensor],
+        teacher_means: list[Tensor] | None = None,
+    ) -> Tensor:
         """``A = softmax_i(q_j . k_i / sqrt(d_k))`` from ``[n, d]`` hiddens; ``[L_S, L_T]``.
 
         ``student`` holds the participating student layers only. With
@@ -182,10 +233,10 @@ class AttentionKDTerm(LossTerm):
         if self.detach_summaries:
             student = [h.detach() for h in student]
         q = torch.stack([w(h.mean(dim=0)) for w, h in zip(self.query, student, strict=True)])
-        k = (
-            torch.stack([w(h.mean(dim=0)) for w, h in zip(self.key, teacher, strict=True)])
-            + self.position
-        )
+        if teacher_means is None:
+            teacher_means = [h.mean(dim=0) for h in teacher]
+        k = torch.stack([w(t) for w, t in zip(self.key, teacher_means, strict=True)])
+        k = k + self.position
         return torch.softmax(q @ k.T / math.sqrt(self.d_k), dim=-1)
 
     def forward(self, batch: KDBatch) -> Tensor:
@@ -198,24 +249,26 @@ class AttentionKDTerm(LossTerm):
         self.check_hiddens(batch)
         student = [batch.student_hiddens[j] for j in self.student_layers]
         teacher = batch.teacher_hiddens
-        attn = self.attention_weights(student, teacher)
+        cache = self._teacher_cache(teacher)
+        attn = self.attention_weights(student, teacher, cache["means"] if cache else None)
         n = batch.num_nodes
-        if 0 < self.kd_nodes < n:
+        idx = None
+        small = self.auto_sample and n <= LARGE_BATCH_NODES
+        if 0 < self.kd_nodes < n and not small:
             idx = torch.randperm(n, generator=self.sampler)[: self.kd_nodes]
             idx = idx.to(student[0].device)
             student = [h[idx] for h in student]
-            teacher = [h[idx] for h in teacher]
         if self.dissimilarity == "feature":
-            a_s = [p(h) for p, h in zip(self.regressors, student, strict=True)]
-            maps = self.teacher_maps()
-            a_t = (
-                teacher
-                if self.teacher_identity
-                else [h @ r.to(h.dtype) for h, r in zip(teacher, maps, strict=True)]
-            )
-            dis = feature_dissimilarity(a_s, a_t)
+            a_s = unit_rows([p(h) for p, h in zip(self.regressors, student, strict=True)])
+            if cache is not None:
+                unit_t = cache["unit"] if idx is None else cache["unit"].index_select(1, idx)
+            else:
+                rows = teacher if idx is None else [h[idx] for h in teacher]
+                unit_t = unit_rows(self._map_teacher(rows))
+            dis = unit_feature_dissimilarity(a_s, unit_t.to(a_s.dtype))
         else:
-            dis = similarity_dissimilarity(student, teacher)
+            rows = teacher if idx is None else [h[idx] for h in teacher]
+            dis = similarity_dissimilarity(student, rows)
         self._attention = attn.detach()
         self._dissimilarity = dis.detach()
         return (attn * dis).sum(dim=1).mean()

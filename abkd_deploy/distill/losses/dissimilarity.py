@@ -23,6 +23,28 @@ def _pairwise_mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
     return (sq_a[:, None] + sq_b[None, :] - 2.0 * cross).clamp_min(0.0)
 
 
+def unit_rows(layers: list[Tensor]) -> Tensor:
+    """``[L, m, d]``: the layers stacked, each row L2-normalised (all-zero rows stay zero)."""
+    return torch.stack([F.normalize(h, dim=-1) for h in layers])
+
+
+def unit_feature_dissimilarity(student: Tensor, teacher: Tensor) -> Tensor:
+    """:func:`feature_dissimilarity` of already normalised stacks.
+
+    Args:
+        student: ``[L_S, m, d_a]`` unit rows (:func:`unit_rows`).
+        teacher: ``[L_T, m, d_a]`` unit rows.
+
+    Returns:
+        ``[L_S, L_T]``.
+    """
+    m = student.shape[1]
+    a = student.reshape(student.shape[0], -1)
+    b = teacher.reshape(teacher.shape[0], -1)
+    # the helper averages over m * d_a entries; the spec sums over features, so rescale
+    return _pairwise_mean_sq_diff(a, b) * (a.shape[1] / m)
+
+
 def feature_dissimilarity(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
     """``D[j, i] = mean over nodes v of || norm(a_S^j(v)) - norm(a_T^i(v)) ||^2``.
 
@@ -34,11 +56,7 @@ def feature_dissimilarity(student: list[Tensor], teacher: list[Tensor]) -> Tenso
         ``[L_S, L_T]`` dissimilarities in ``[0, 4]`` (``norm`` is per-node L2
         normalisation; an all-zero row stays zero).
     """
-    m = student[0].shape[0]
-    a = torch.stack([F.normalize(h, dim=-1) for h in student]).reshape(len(student), -1)
-    b = torch.stack([F.normalize(h, dim=-1) for h in teacher]).reshape(len(teacher), -1)
-    # the helper averages over m * d_a entries; the spec sums over features, so rescale
-    return _pairwise_mean_sq_diff(a, b) * (a.shape[1] / m)
+    return unit_feature_dissimilarity(unit_rows(student), unit_rows(teacher))
 
 
 def cosine_similarity_matrix(h: Tensor) -> Tensor:
