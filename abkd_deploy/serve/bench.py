@@ -250,15 +250,15 @@ def format_markdown(report: dict[str, Any]) -> str:
     metric = next(iter(report["models"].values()))["metric"] if report["models"] else "accuracy"
     lines = [
         "| model | batch | p50 ms | p95 ms | p99 ms | mean ms | nodes/s | peak RSS MB "
-        f"| model MB | test {metric} |",
+        f"| model size | test {metric} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        mb = (r.get("model_bytes") or 0) / 2**20
+        size = _human_bytes(r.get("model_bytes") or 0)
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} "
             f"| {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['throughput_nps']:,.0f} "
-            f"| {r['peak_rss_mb']:.0f} | {mb:.2f} | {r['accuracy']:.4f} |"
+            f"| {r['peak_rss_mb']:.0f} | {size} | {r['accuracy']:.4f} |"
         )
     if report.get("ratios"):
         lines.append("")
@@ -284,3 +284,11 @@ def write_report(report: dict[str, Any], path: str | Path) -> list[Path]:
         series.setdefault(r["model"], {})[r["batch_size"]] = r["p50_ms"]
     png = plot_latency(series, path.with_suffix(".png"), "p50 latency vs batch size")
     return [path, md, png]
+
+
+def _human_bytes(n: int) -> str:
+    """``8.7 KiB``, ``17.6 MiB``: model sizes span six orders of magnitude."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
