@@ -446,3 +446,17 @@ def test_abkd_cache_follows_new_teacher_tensors_and_skips_joint_mode() -> None:
     joint = build("abkd")
     joint(make_batch(n=20, teacher_grad=True))  # teacher carries gradients: not cached
     assert joint._cache is None
+
+
+def test_abkd_uniform_attention_ablation() -> None:
+    b = make_batch()
+    term = build("abkd", attention="uniform")
+    loss = term(b)
+    attn = term.attention()
+    assert torch.allclose(attn, torch.full_like(attn, 1 / len(DIMS.teacher)))
+    assert torch.allclose(loss, term.last_dissimilarity().mean(dim=1).mean(), atol=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in term.query.parameters())  # attention not used
+    assert any(p.grad is not None for p in term.regressors.parameters())
+    with pytest.raises(ConfigError, match="attention"):
+        build("abkd", attention="hard")

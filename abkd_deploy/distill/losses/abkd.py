@@ -34,6 +34,9 @@ LARGE_BATCH_NODES = 4096
 #: Largest cache of a frozen teacher's normalised features (bytes); above it the teacher
 #: side is recomputed on the node sample every step.
 TEACHER_CACHE_BYTES = 512 * 2**20
+#: ``learned`` (the spec) or ``uniform`` (ablation: A = 1 / L_T, no attention parameters
+#: used); see docs/DESIGN_NOTES.md on why the learned rows collapse onto one layer.
+ATTENTION_CHOICES = ("learned", "uniform")
 #: Which student layers take part by default (see :class:`AttentionKDTerm`).
 STUDENT_LAYER_CHOICES = ("all", "hidden")
 
@@ -107,6 +110,8 @@ class AttentionKDTerm(LossTerm):
             The attention matrix has one row per participating layer.
         detach_summaries: Detach ``s_j`` before the queries (default False: the spec's
             gradient path through the attention into the student is kept).
+        attention: ``learned`` (default, the spec) or ``uniform`` (every teacher layer
+            weighted ``1 / L_T``; an ablation of the attention itself).
 
     Raises:
         ConfigError: Unknown or out-of-range options.
@@ -123,11 +128,13 @@ class AttentionKDTerm(LossTerm):
         seed: int = 0,
         student_layers: Any = "all",
         detach_summaries: bool = False,
+        attention: str = "learned",
         **unknown: Any,
     ) -> None:
         super().__init__(dims, **unknown)
         self.dissimilarity = as_choice(self.name, "dissimilarity", dissimilarity, DISSIMILARITIES)
         self.detach_summaries = _as_bool(self.name, "detach_summaries", detach_summaries)
+        self.attention_mode = as_choice(self.name, "attention", attention, ATTENTION_CHOICES)
         self.student_layers = _student_layers(self.name, student_layers, len(dims.student))
         s_dims = [dims.student[j] for j in self.student_layers]
         self.d_k = as_int(self.name, "d_k", d_k)
@@ -230,6 +237,9 @@ class AttentionKDTerm(LossTerm):
         ``detach_summaries`` the summaries ``s_j`` are detached (A still trains ``W_q``,
         ``W_k`` and ``e``, but L_att reaches the student only through ``D``).
         """
+        if self.attention_mode == "uniform":
+            n_t = len(self.key)
+            return torch.full((len(student), n_t), 1.0 / n_t, device=student[0].device)
         if self.detach_summaries:
             student = [h.detach() for h in student]
         q = torch.stack([w(h.mean(dim=0)) for w, h in zip(self.query, student, strict=True)])
