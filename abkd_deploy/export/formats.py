@@ -8,7 +8,11 @@ Formats register themselves in :data:`FORMATS` (one module each).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from abkd_deploy.errors import ExportError
 from abkd_deploy.registry import Registry
 
 if TYPE_CHECKING:
@@ -26,6 +31,30 @@ if TYPE_CHECKING:
 Runner = Callable[[Sequence[Tensor]], list[np.ndarray]]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def exporter_call(what: str, logger: str | None = None) -> Iterator[None]:
+    """Runs a torch exporter quietly and turns its failure into one line.
+
+    Warnings, stdout and (if named) ``logger`` below ERROR are silenced (the exporters
+    print deprecation notes, graph dumps and "torchvision is not installed"); any
+    exception becomes ``ExportError("{what} failed: <first line>")``.
+    """
+    log = logging.getLogger(logger) if logger else None
+    level = log.level if log else logging.NOTSET
+    if log:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    except Exception as exc:  # exporter errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{what} failed: {first}") from exc
+    finally:
+        if log:
+            log.setLevel(level)
 
 
 @dataclass(frozen=True)

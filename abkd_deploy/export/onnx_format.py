@@ -14,12 +14,8 @@ below its 2 GB limit. The manifest is stored in ``metadata_props`` by
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +30,7 @@ from abkd_deploy.export.formats import (
     ArtifactFormat,
     Runner,
     cast_inputs,
+    exporter_call,
     module_dtype,
 )
 
@@ -43,20 +40,6 @@ EXTERNAL_DATA_BYTES = 64 * 2**20
 METADATA_KEY = "abkd_manifest"
 
 _ONNX_DTYPES = {torch.float32: "tensor(float)", torch.float16: "tensor(float16)"}
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """Silences the exporter's chatter (stdout, warnings, 'torchvision is not installed')."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def initializer_bytes(module: nn.Module) -> int:
@@ -75,25 +58,21 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: Path, opset: int) -> 
         ExportError: the exporter failed (its first line is kept).
     """
     example = tuple(cast_inputs(spec.example, module_dtype(module)))
-    try:
-        with _quiet_exporter():
-            program = torch.onnx.export(
-                module,
-                example,
-                None,
-                dynamo=True,
-                input_names=spec.input_names,
-                output_names=spec.output_names,
-                opset_version=opset,
-                dynamic_shapes=spec.dynamic_shapes,
-                optimize=True,
-                verbose=False,
-            )
-            external = initializer_bytes(module) > EXTERNAL_DATA_BYTES
-            program.save(str(path), external_data=external)
-    except Exception as exc:  # exporter errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export failed: {first}") from exc
+    with exporter_call("ONNX export", logger="torch.onnx"):
+        program = torch.onnx.export(
+            module,
+            example,
+            None,
+            dynamo=True,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            opset_version=opset,
+            dynamic_shapes=spec.dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+        external = initializer_bytes(module) > EXTERNAL_DATA_BYTES
+        program.save(str(path), external_data=external)
     files = [path]
     data = path.with_name(path.name + ".data")
     if data.exists():

@@ -42,12 +42,22 @@ def can_precompute(student: GNN) -> bool:
     )
 
 
+def single_layer(student: LayerStack, index: int, in_channels: int) -> LayerStack:
+    """A copy of ``student`` reduced to its layer ``index`` (a one-layer model)."""
+    model = copy.deepcopy(student).eval()
+    model.layers = nn.ModuleList([model.layers[index]])
+    model.num_layers, model.in_channels = 1, in_channels
+    return model
+
+
 @torch.no_grad()
 def hidden_table(student: LayerStack, x: Tensor, tables: Sequence[FanoutTable]) -> Tensor:
     """Outputs of layers ``1..L-1`` (after the activation) for every node.
 
     Layer ``l`` aggregates over table ``l``, exactly as the tree form does for any node
-    at any level, so each row is what a request would compute for that node.
+    at any level, so each row is what a request would compute for that node. Each
+    layer's per-node linear map is applied once to all rows (folded, as in the
+    artifact); only the gathering is chunked.
 
     Args:
         student: Trained student in eval mode.
@@ -59,17 +69,24 @@ def hidden_table(student: LayerStack, x: Tensor, tables: Sequence[FanoutTable]) 
     """
     act = getattr(F, student.activation)
     h = x
-    for layer, table in zip(student.layers[:-1], tables[:-1]):
+    for index, table in enumerate(tables[:-1]):
+        folded = fold_input_transform(single_layer(student, index, h.size(1)), h)
+        assert folded is not None  # every PRECOMPUTE_ARCHS arch has a folder
+        layer = folded.model.layers[0]
         w, sw = table.weights(student.norm)
         n, k = table.nbr.shape
-        step = max(1, CHUNK_ELEMENTS // (k * max(h.size(1), student.hidden)))
+        step = max(1, CHUNK_ELEMENTS // (k * folded.features.size(1)))
         parts = []
         for i in range(0, n, step):
             rows = torch.arange(i, min(n, i + step))
             op = TableBlock(
-                table.nbr[i : i + step], w[i : i + step], None if sw is None else sw[rows], rows
+                table.nbr[rows],
+                w[rows],
+                None if sw is None else sw[rows],
+                rows,
+                folded.dst_features,
             )
-            parts.append(act(layer(h, op)))
+            parts.append(act(layer(folded.features, op)))
         h = torch.cat(parts)
     return h.contiguous()
 
@@ -112,10 +129,7 @@ def precompute_student(
     if not can_precompute(student):
         raise ValueError(f"cannot precompute the hidden layers of a {student.arch} student")
     hidden = hidden_table(student, x, tables)
-    last = copy.deepcopy(student).eval()
-    last.layers = nn.ModuleList([last.layers[-1]])
-    last.num_layers, last.in_channels = 1, student.hidden
-    folded = fold_input_transform(last, hidden)
+    folded = fold_input_transform(single_layer(student, -1, student.hidden), hidden)
     assert folded is not None  # every PRECOMPUTE_ARCHS arch has a folder
     module = EmbeddedStudent(
         folded.model,

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from abkd_deploy.errors import ExportError
 from abkd_deploy.export.adjacency import ExportSpec
 from abkd_deploy.export.formats import (
     FORMATS,
     ArtifactFormat,
     Runner,
     cast_inputs,
+    exporter_call,
     module_dtype,
     torch_runner,
 )
@@ -31,14 +31,9 @@ def export_pt2(module: nn.Module, spec: ExportSpec, path: Path, opset: int) -> l
         ExportError: ``torch.export`` failed.
     """
     example = tuple(cast_inputs(spec.example, module_dtype(module)))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes)
-            torch.export.save(program, str(path))
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch.export failed: {first}") from exc
+    with exporter_call("torch.export"):
+        program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes)
+        torch.export.save(program, str(path))
     return [path]
 
 

@@ -11,21 +11,19 @@ traced one like every other artifact.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from abkd_deploy.errors import ExportError
 from abkd_deploy.export.adjacency import ExportSpec
 from abkd_deploy.export.formats import (
     FORMATS,
     ArtifactFormat,
     Runner,
     cast_inputs,
+    exporter_call,
     module_dtype,
     torch_runner,
 )
@@ -38,14 +36,9 @@ def export_torchscript(module: nn.Module, spec: ExportSpec, path: Path, opset: i
         ExportError: tracing failed.
     """
     example = tuple(cast_inputs(spec.example, module_dtype(module)))
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(module, example, check_trace=False, strict=False)
-            torch.jit.save(traced, str(path))
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"TorchScript trace failed: {first}") from exc
+    with exporter_call("TorchScript trace"):
+        traced = torch.jit.trace(module, example, check_trace=False, strict=False)
+        torch.jit.save(traced, str(path))
     return [path]
 
 

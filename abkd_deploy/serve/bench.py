@@ -116,7 +116,19 @@ def bench(
             f"no teacher checkpoint: --teacher {teacher_dir} has no teacher.safetensors"
         )
     test_ids, labels, metric = _test_split(manifest)
-    threads = threads or os.cpu_count() or 1
+    config = {
+        "export_dir": str(export_dir),
+        "teacher_dir": str(teacher_dir) if teacher_dir else None,
+        "device": device,
+        "threads": threads or os.cpu_count() or 1,
+        "batch_sizes": list(batch_sizes),
+        "requests": requests,
+        "warmup": warmup,
+        "trials": trials,
+        "trial_seconds": trial_seconds,
+        "adjacency": manifest["adjacency"],
+        "dataset": manifest.get("provenance", {}).get("dataset"),
+    }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="abkd-bench-") as tmp:
         req_path = Path(tmp) / "requests.npz"
@@ -128,36 +140,11 @@ def bench(
         )
         outputs = []
         for model in tqdm(list(models), desc="bench", disable=not progress):
-            spec = {
-                "model": model,
-                "requests": str(req_path),
-                "metric": metric,
-                "batch_sizes": list(batch_sizes),
-                "warmup": warmup,
-                "trials": trials,
-                "trial_seconds": trial_seconds,
-                "threads": threads,
-                "device": device,
-                "export_dir": str(export_dir),
-                "run_dir": run_dir,
-                "teacher_dir": str(teacher_dir) if teacher_dir else None,
-                "dataset": manifest.get("provenance", {}).get("dataset"),
-            }
+            # the worker reads its requests from the file, so "requests" is the path there
+            spec = {**config, "model": model, "requests": str(req_path), "metric": metric}
+            spec.update(run_dir=run_dir)
             outputs.append(_run_worker(spec, Path(tmp)))
-    return _report(
-        outputs,
-        manifest,
-        export_dir,
-        teacher_dir,
-        device,
-        threads,
-        batch_sizes,
-        requests,
-        warmup,
-        trials,
-        trial_seconds,
-        time.perf_counter() - start,
-    )
+    return _report(outputs, config, time.perf_counter() - start)
 
 
 def _run_worker(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
@@ -177,18 +164,7 @@ def _run_worker(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
 
 
 def _report(
-    outputs,
-    manifest,
-    export_dir,
-    teacher_dir,
-    device,
-    threads,
-    batch_sizes,
-    requests,
-    warmup,
-    trials,
-    trial_seconds,
-    seconds,
+    outputs: list[dict[str, Any]], config: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
     results = [r for o in outputs for r in o["results"]]
     summaries = {o["model"]: o["summary"] for o in outputs}
@@ -202,7 +178,7 @@ def _report(
         )
     by = {(r["model"], r["batch_size"]): r for r in results}
     ratios = {}
-    for b in batch_sizes:
+    for b in config["batch_sizes"]:
         onnx = by.get(("student-onnx", b))
         if onnx is None:
             continue
@@ -225,19 +201,7 @@ def _report(
             "cpu_count": os.cpu_count(),
             "processor": platform.processor(),
         },
-        "config": {
-            "export_dir": str(export_dir),
-            "teacher_dir": str(teacher_dir),
-            "device": device,
-            "threads": threads,
-            "batch_sizes": list(batch_sizes),
-            "requests": requests,
-            "warmup": warmup,
-            "trials": trials,
-            "trial_seconds": trial_seconds,
-            "adjacency": manifest["adjacency"],
-            "dataset": manifest.get("provenance", {}).get("dataset"),
-        },
+        "config": config,
         "models": summaries,
         "results": results,
         "ratios": ratios,
