@@ -13,25 +13,71 @@ from typing import Any
 
 import click
 
-from abkd_deploy import __version__
+from abkd_deploy import __version__, names
 from abkd_deploy.errors import AbkdError
+from abkd_deploy.extras import missing_extra_message
+from abkd_deploy.registry import check_name
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so staging dirs are removed."""
+
+    signum = 15
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turns package errors into ``error: <message>`` and the error's exit code."""
+    """Turns package errors into ``error: <message>`` and the error's exit code.
+
+    SIGTERM is handled like SIGINT: it raises (so every staging directory is removed on
+    the way out), then the process exits with ``128 + signal`` (143; SIGINT 130). A
+    second SIGTERM during the clean-up kills the process at once.
+    """
+    import signal
+
+    def on_term(signum: int, _frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise _Terminated
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import threading
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except AbkdError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except ModuleNotFoundError as exc:  # installed without the `train` extra
+            ctx = click.get_current_context(silent=True)
+            message = missing_extra_message(exc, ctx.info_name if ctx else None)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", int(signal.SIGINT))
+            click.echo(f"interrupted ({signal.Signals(signum).name})", err=True)
+            sys.exit(128 + signum)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper
+
+
+def _check_dataset(name: str) -> None:
+    """Checks ``--dataset``'s family (before any ``:``) against the torch-free name table."""
+    check_name("dataset", str(name).partition(":")[0].strip(), names.DATASET_FAMILIES)
+
+
+def _check_list(kind: str, values: str | tuple[str, ...], known: tuple[str, ...]) -> None:
+    """Checks each name of a comma-separated string or a tuple of names."""
+    items = values.split(",") if isinstance(values, str) else values
+    for value in items:
+        if str(value).strip():
+            check_name(kind, str(value).strip(), known)
 
 
 def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,6 +171,8 @@ def main() -> None:
 @_friendly
 def teacher(**kwargs: Any) -> None:
     """Train a teacher GNN with early stopping on validation accuracy."""
+    _check_dataset(kwargs["dataset"])
+    check_name("architecture", kwargs["arch"], names.ARCHITECTURES)
     from abkd_deploy.distill.teacher import train_teacher_cli
 
     train_teacher_cli(**kwargs)
@@ -221,6 +269,14 @@ def distill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _check_distill_names(kw: dict[str, Any]) -> None:
+    """Dataset and architecture names of ``distill``/``compare``, before torch is imported."""
+    _check_dataset(kw["dataset"])
+    if kw["teacher_path"] is None:
+        check_name("architecture", kw["teacher_arch"], names.ARCHITECTURES)
+    check_name("architecture", kw["student_arch"], names.ARCHITECTURES)
+
+
 def _distill_specs(kw: dict[str, Any]):
     from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec
     from abkd_deploy.distill.teacher import train_config_from_cli
@@ -284,6 +340,8 @@ def _distill_specs(kw: dict[str, Any]):
 def distill(**kw: Any) -> None:
     """Distill a teacher into a compact student (ABKD or a baseline)."""
     method, out = kw.pop("method"), kw.pop("out")
+    method = check_name("KD method", method, (*names.KD_METHODS, "all"))
+    _check_distill_names(kw)
     specs = _distill_specs(kw)
     if method == "all":
         _run_compare(specs, None, out)
@@ -310,6 +368,8 @@ def distill(**kw: Any) -> None:
 def compare(**kw: Any) -> None:
     """Run every KD method on the same teacher and seeds; write a comparison table."""
     methods, out = kw.pop("methods"), kw.pop("out")
+    _check_list("KD method", methods, names.KD_METHODS)
+    _check_distill_names(kw)
     _run_compare(_distill_specs(kw), methods, out)
 
 
@@ -380,7 +440,12 @@ def _not_built(name: str) -> Callable[..., None]:
     show_default=True,
     help="Seed of the fanout tables and validation inputs.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing export directory.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing --out written by a previous export (refused if it holds "
+    "any file its manifest does not list, or overlaps RUN_DIR).",
+)
 @click.option(
     "--precompute/--no-precompute",
     default=True,
@@ -391,6 +456,9 @@ def _not_built(name: str) -> Callable[..., None]:
 @_friendly
 def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) -> None:
     """Export the student of RUN_DIR, validated against PyTorch, into --out."""
+    _check_list("export format", formats, names.EXPORT_FORMATS)
+    check_name("adjacency format", kwargs["adjacency"], names.ADJACENCY_FORMATS)
+    check_name("dtype", kwargs["dtype"], names.EXPORT_DTYPES)
     from abkd_deploy.export.cli import run_export
 
     run_export(run_dir, out_dir, formats, **kwargs)
@@ -427,6 +495,43 @@ def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) 
     default=None,
     help="Node ids per request (default: --max-batch); more get HTTP 413.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a connection may take to send a request's headers (counted from connect "
+    "or the previous response); then it is closed.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a request's body may take to arrive; then HTTP 408 and close.",
+)
+@click.option(
+    "--keep-alive",
+    type=click.FloatRange(0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds an idle keep-alive connection stays open.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=4096,
+    show_default=True,
+    help="Concurrent connections served; requests beyond it get HTTP 503.",
+)
+@click.option(
+    "--graceful-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT, seconds in-flight requests may still take; requests cut off "
+    "get HTTP 503 and the exit status is 1.",
+)
 @_friendly
 def serve(
     export_dir: str,
@@ -437,8 +542,14 @@ def serve(
     max_batch: int,
     max_wait_ms: float,
     max_ids: int | None,
+    header_timeout: float,
+    body_timeout: float,
+    keep_alive: float,
+    max_connections: int,
+    graceful_timeout: float,
 ) -> None:
     """Serve EXPORT_DIR over HTTP: POST /v1/predict, GET /healthz, GET /metrics."""
+    from abkd_deploy.serve.limits import HttpLimits
     from abkd_deploy.serve.server import serve as run_server
 
     run_server(
@@ -450,6 +561,54 @@ def serve(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         max_ids=max_ids,
+        limits=HttpLimits(
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            keep_alive_s=keep_alive,
+            max_connections=max_connections,
+            graceful_timeout_s=graceful_timeout,
+        ),
+    )
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    "repo",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Triton model repository (created if missing; other models in it are left alone).",
+)
+@click.option("--name", default=None, help="Model name (default: EXPORT_DIR's name).")
+@click.option(
+    "--max-batch",
+    type=int,
+    default=None,
+    help="max_batch_size: node ids per model run (embedded; default 1024). "
+    "ell/coo take one graph per request: 0, the default.",
+)
+@click.option("--instances", default="cpu:1", show_default=True, help="cpu:N or gpu:N.")
+@click.option(
+    "--max-queue-delay-us",
+    type=int,
+    default=2000,
+    show_default=True,
+    help="dynamic_batching: how long a request waits for others to join its batch.",
+)
+@click.option("--force", is_flag=True, help="Replace REPO/NAME if abkd-deploy wrote it.")
+@_friendly
+def triton(export_dir: str, repo: str, **kw: Any) -> None:
+    """Write a Triton Inference Server model repository (onnxruntime_onnx) for EXPORT_DIR."""
+    from abkd_deploy.serve.triton import write_triton_repo
+
+    m = write_triton_repo(export_dir, repo, **kw)
+    batching = f"max_batch_size {m.max_batch_size}" + (
+        ", dynamic batching" if m.max_batch_size else " (one graph per request)"
+    )
+    click.echo(
+        f"wrote Triton model {m.name!r} ({batching}, {m.instances.count} x "
+        f"{m.instances.kind}) -> {m.path}"
     )
 
 
@@ -515,12 +674,13 @@ def serve(
 @_friendly
 def bench(export_dir: str, **kw: Any) -> None:
     """Latency, memory and accuracy of the student (onnxruntime, eager) vs the teacher."""
+    models = tuple(m.strip() for m in kw.pop("models").split(",") if m.strip())
+    _check_list("bench model", models, names.BENCH_MODELS)
     from abkd_deploy.distill.teacher import parse_int_list
     from abkd_deploy.serve.bench import bench as run_bench
     from abkd_deploy.serve.bench import format_markdown, write_report
 
     out, baseline, tol = kw.pop("out"), kw.pop("baseline"), kw.pop("max_regression")
-    models = tuple(m.strip() for m in kw.pop("models").split(",") if m.strip())
     sizes = parse_int_list(kw.pop("batch_sizes"), "--batch-sizes")
     report = run_bench(export_dir, batch_sizes=sizes, models=models, **kw)
     click.echo(format_markdown(report))

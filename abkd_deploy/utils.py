@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,22 @@ from abkd_deploy.errors import ConfigError, DeviceError
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; renames it onto ``path`` on success.
 
-    On any exception the temporary file is removed, so no half-written artifact is left.
+    The temporary file ``.NAME.<pid>.<token>.tmp`` is created with mode ``0o666`` less the
+    process umask (so the published file follows the umask); leftovers of a process that
+    no longer runs are removed first. On any exception the temporary file is removed, so
+    no half-written artifact is left.
     """
+    from abkd_deploy.staging import current_umask, remove_stale, staging_name
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    remove_stale(path, report_legacy=False)
+    tmp_path = staging_name(path)
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp_path
+        if not tmp_path.is_symlink():  # a writer may have recreated it with other bits
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

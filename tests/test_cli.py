@@ -117,3 +117,78 @@ def test_device_cuda_without_cuda_is_an_error(runner, tmp_path):
 def test_usage_error_exit_2(runner):
     result = runner.invoke(main, ["teacher", "--epochs", "zero"])
     assert result.exit_code == 2
+
+
+_REJECT_BEFORE_TORCH = """
+import json, sys
+from abkd_deploy.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    print(json.dumps({"code": exc.code, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["teacher", "--arch", "gcnn"], "unknown architecture 'gcnn'; did you mean 'gcn'?"),
+        (["teacher", "--dataset", "planetiod:Cora"], "did you mean 'planetoid'?"),
+        (["distill", "--method", "abdk"], "unknown KD method 'abdk'; did you mean 'abkd'?"),
+        (["distill", "--student-arch", "sag"], "did you mean 'sage'?"),
+        (["compare", "--methods", "kd,fitnett"], "did you mean 'fitnet'?"),
+        (["export", "r", "--out", "e", "--format", "onx"], "did you mean 'onnx'?"),
+        (["export", "r", "--out", "e", "--adjacency", "el"], "did you mean 'ell'?"),
+        (["export", "r", "--out", "e", "--dtype", "fp16"], "unknown dtype 'fp16'"),
+        (["bench", "e", "--models", "student-onx"], "did you mean 'student-onnx'?"),
+    ],
+)
+def test_bad_name_is_rejected_before_torch_is_imported(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _REJECT_BEFORE_TORCH, *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 2, "torch": False}
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+    assert "expected one of:" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_piped_output_has_no_carriage_returns_and_ends_with_results(tmp_path):
+    """Into a pipe (a log, CI): bounded plain lines, every stage's result line, once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ABKD_PROGRESS"}
+    run = tmp_path / "run"
+    args = ["distill", "--dataset", TINY, "--teacher-arch", "gcn", "--teacher-layers", "2"]
+    args += ["--teacher-hidden", "8", "--epochs", "30", "--device", "cpu", "--out", str(run)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "abkd_deploy.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stdout + proc.stderr
+    err = proc.stderr.splitlines()
+    assert len(err) <= 2 * 12  # two trainings, at most 11 lines + a summary each
+    assert sum(line.startswith("teacher gcn: 30 epochs, best epoch") for line in err) == 1
+    assert sum(line.startswith("abkd seed 0: 30 epochs, best epoch") for line in err) == 1
+    (result,) = proc.stdout.splitlines()
+    assert result.startswith("abkd: student gcn") and result.endswith(f"-> {run}")
+
+    exported = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "exp")])
+    assert exported.exit_code == 0, exported.output
+    assert "\r" not in exported.output
+    (summary,) = exported.stdout.splitlines()  # printed once
+    assert summary.startswith("exported gcn student (embedded") and "onnx " in summary

@@ -11,18 +11,26 @@ and a missing one raises :class:`DatasetError` naming it. OGB writes ``processed
 to ``raw/``, so the dataset is built in a cache folder mirroring the raw files (see
 :func:`abkd_deploy.data.pyg_datasets.build_in_cache`); the user's root is only read.
 
-ogb 1.3.6 calls ``torch.load`` without ``weights_only``; with torch >= 2.6 that fails on
-PyG's storage classes. They are allow-listed with ``torch.serialization.safe_globals``
-only while OGB loads its own processed file; the safe unpickler stays on.
+ogb 1.3.6 calls ``torch.load`` without ``weights_only``; with torch >= 2.6 that means
+``weights_only=True``, which fails on PyG's storage classes. They are allow-listed with
+``torch.serialization.safe_globals`` only while OGB loads its own processed file; the
+safe unpickler stays on. Loading is refused where that default would be the full
+unpickler (torch < 2.6, or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` set), and PyG's own
+``weights_only=False`` read of ``processed/pre_transform.pt`` is skipped
+(:class:`~abkd_deploy.data.pyg_datasets.StrictCache`): see docs/SECURITY.md.
 
-``ogbn-mag`` becomes its homogeneous paper subgraph (paper features, paper-cites-paper
-edges, venue labels, the paper split). ``ogbn-proteins`` (112 binary tasks) is known but
-refused with a :class:`ConfigError`: the toolkit trains single-label classifiers only.
+``ogbn-mag-papers`` is ogbn-mag's homogeneous paper subgraph (paper features,
+paper-cites-paper edges, venue labels, the paper split); ``ogbn-mag`` itself is the full
+typed graph (:mod:`abkd_deploy.data.ogb_hetero`). ``ogbn-proteins`` (112 binary tasks) is
+known but refused with a :class:`ConfigError`: the toolkit trains single-label classifiers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +39,12 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
-from abkd_deploy.data.pyg_datasets import build_in_cache, clean_edges, find_dataset_dir
+from abkd_deploy.data.pyg_datasets import (
+    StrictCache,
+    build_in_cache,
+    clean_edges,
+    find_dataset_dir,
+)
 from abkd_deploy.data.registry import DATASETS, require_root
 from abkd_deploy.errors import ConfigError, DatasetError
 
@@ -84,12 +97,12 @@ def _safe_globals() -> list[type]:
     return [DataEdgeAttr, DataTensorAttr, GlobalStorage]
 
 
-def _register(name: str) -> None:
+def _register(name: str, ogb_name: str | None = None) -> None:
     @DATASETS.register(name)
     def load(
         arg: str | None, root: Path | None, split: str | None, options: dict[str, str]
     ) -> Data:
-        return load_ogb(name, root, split)
+        return load_ogb(ogb_name or name, root, split)
 
 
 def load_ogb(name: str, root: Path | None, split: str | None = None) -> Data:
@@ -115,8 +128,13 @@ def load_ogb(name: str, root: Path | None, split: str | None = None) -> Data:
     dirname = name.replace("-", "_")
     src = find_dataset_dir(root, [dirname, f"{dirname}_pyg"], REQUIRED_FILES[name])
 
+    _require_safe_torch_load()
+
     def build(cache: Path) -> Data:
         from ogb.nodeproppred import PygNodePropPredDataset
+
+        class SafeOgbDataset(StrictCache, PygNodePropPredDataset):
+            pass
 
         # OGB prints progress on stdout: keep stdout clean for the CLI's own output.
         with (
@@ -126,14 +144,40 @@ def load_ogb(name: str, root: Path | None, split: str | None = None) -> Data:
         ):
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             try:
-                ds = PygNodePropPredDataset(name, root=str(cache))
+                ds = SafeOgbDataset(name, root=str(cache))
                 idx = ds.get_idx_split()
+            except pickle.UnpicklingError as e:  # a cache file needing more than tensors
+                found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
+                reason = found.group(1).strip() if found else "not a plain tensor file"
+                raise DatasetError(
+                    f"refusing to load the {name} cache under {cache}: {reason} "
+                    "(delete it to rebuild)"
+                ) from None
             except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as e:
                 raise DatasetError(f"could not read {name} from {src}: {e}") from e
             return _to_contract(name, ds, idx)
 
     entries = [p.name for p in src.glob("RELEASE_v*.txt")] + ["raw", "split"]
     return build_in_cache("ogb", src, entries, dirname, build)
+
+
+def _require_safe_torch_load() -> None:
+    """Refuses to let OGB call ``torch.load()`` where its default is the full unpickler.
+
+    Raises:
+        ConfigError: torch < 2.6 (default ``weights_only=False``) or
+            ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set.
+    """
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        raise ConfigError(
+            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: OGB would read its dataset cache with "
+            "the full unpickler; unset it"
+        )
+    if torch.__version__ < "2.6":
+        raise ConfigError(
+            f"OGB datasets need torch >= 2.6 (found {torch.__version__}): older torch.load "
+            "runs the full unpickler on OGB's dataset cache"
+        )
 
 
 def _to_contract(name: str, ds, idx: dict) -> Data:
@@ -183,5 +227,6 @@ def ogb_evaluate(name: str, y_true, y_pred) -> float:
     return float(ev.eval({"y_true": y_true, "y_pred": y_pred})[ev.eval_metric])
 
 
-for _name in ("ogbn-arxiv", "ogbn-products", "ogbn-proteins", "ogbn-mag"):
+for _name in ("ogbn-arxiv", "ogbn-products", "ogbn-proteins"):
     _register(_name)
+_register("ogbn-mag-papers", "ogbn-mag")  # full typed ogbn-mag: abkd_deploy.data.ogb_hetero

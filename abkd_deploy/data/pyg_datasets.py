@@ -6,6 +6,12 @@ one raises :class:`DatasetError` naming it), and the PyG class is built in a cac
 directory (``$ABKD_CACHE``, else ``~/.cache/abkd-deploy``) that mirrors the user's raw
 files through symlinks, so the user's root is only ever read.
 
+No full unpickler ever runs on these files (docs/SECURITY.md): Planetoid's pickled raw
+files go through :mod:`abkd_deploy.data.restricted_pickle` (PyG would ``pickle.load``
+them), and the cached ``processed/`` files are only read with
+``torch.load(weights_only=True)`` (:class:`StrictCache`); PyG itself would fall back to
+``weights_only=False`` and unpickles ``pre_transform.pt`` with the full unpickler.
+
 Layouts (as PyG names them)::
 
     ROOT/Cora/raw/ind.cora.{x,tx,allx,y,ty,ally,graph,test.index}
@@ -17,16 +23,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch_geometric.data import Data
+from torch_geometric.data.dataset import files_exist
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
+from abkd_deploy.data.planetoid_raw import read_planetoid_data
 from abkd_deploy.data.registry import DATASETS, require_root
 from abkd_deploy.errors import ConfigError, DatasetError
+from abkd_deploy.staging import current_umask
 
 PLANETOID_NAMES = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
 PLANETOID_SPLITS = ("public", "full", "random")
@@ -68,7 +79,9 @@ def build_in_cache(
     ``<cache>/<family>/<key>/<subdir>/`` where ``key`` hashes the resolved ``src`` and the
     size/mtime of those files, so edited raw files get a fresh cache. ``build(root)`` gets
     the cache root. A first build happens in a temporary folder renamed into place only
-    on success, so an interrupted run never leaves a half-written cache.
+    on success, so an interrupted run never leaves a half-written cache. An existing entry
+    is used only if every file in it is the user's own and not world-writable, and its
+    files are read by data-only loaders (:class:`StrictCache`): see docs/SECURITY.md.
 
     Returns:
         What ``build`` returns.
@@ -84,6 +97,7 @@ def build_in_cache(
             h.update(f"{p.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}".encode())
     final = cache_root() / family / h.hexdigest()[:16]
     if (final / subdir).is_dir():
+        _require_private(final)
         return build(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +125,74 @@ def build_in_cache(
         return data
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _require_private(folder: Path) -> None:
+    """Refuses a cache entry another user could have written (owner or world-writable).
+
+    World-writable entries are accepted when the process umask itself allows that.
+
+    Raises:
+        DatasetError: naming the first such file or folder.
+    """
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owners
+        return
+    uid = os.getuid()
+    others_may_write = not current_umask() & 0o002  # then world-writable is the user's choice
+    for path in [folder, *folder.rglob("*")]:
+        st = path.lstat()
+        world = st.st_mode & 0o002 and not path.is_symlink() and not others_may_write
+        if st.st_uid != uid or world:
+            who = "owned by another user" if st.st_uid != uid else "writable by every user"
+            raise DatasetError(
+                f"refusing dataset cache {path}: {who}; remove it or set ABKD_CACHE to a "
+                "folder only you can write"
+            )
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers, no code.
+
+    Raises:
+        DatasetError: the file is unreadable or needs anything else (one line naming it).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a cache file is untrusted input
+        found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
+        reason = found.group(1) if found else (str(e).strip().splitlines() or [repr(e)])[0]
+        raise DatasetError(
+            f"refusing to load dataset cache {path}: {reason.strip()} (delete it to rebuild)"
+        ) from None
+
+
+class StrictCache:
+    """Mixin for a PyG ``InMemoryDataset``: its cache is never read by the full unpickler.
+
+    PyG's ``Dataset._process`` unpickles ``processed/pre_transform.pt`` with
+    ``weights_only=False`` and ``InMemoryDataset.load`` retries ``weights_only=False``
+    when the safe load fails. Here processing runs only when the processed files are
+    missing, and :meth:`load` uses :func:`load_weights_only` (put the mixin first).
+    """
+
+    def _process(self) -> None:
+        if files_exist(self.processed_paths):
+            return
+        os.makedirs(self.processed_dir, exist_ok=True)
+        self.process()
+
+    def load(self, path: str, data_cls: type = Data) -> None:
+        out = load_weights_only(Path(path))
+        cls = out[2] if isinstance(out, tuple) and len(out) == 3 else data_cls
+        if not (
+            isinstance(out, tuple)
+            and len(out) in (2, 3)
+            and isinstance(out[0], dict)
+            and isinstance(cls, type)
+            and issubclass(cls, Data)
+        ):
+            raise DatasetError(f"{path} is not a PyG dataset cache (delete it to rebuild)")
+        self.data, self.slices = cls.from_dict(out[0]), out[1]
 
 
 def find_dataset_dir(root: Path, dirnames: Sequence[str], required: Sequence[str]) -> Path:
@@ -158,9 +240,15 @@ def load_planetoid(
     def build(cache: Path) -> Data:
         from torch_geometric.datasets import Planetoid
 
+        class SafePlanetoid(StrictCache, Planetoid):
+            def process(self) -> None:  # PyG's unpickles the raw files with pickle.load
+                self.save(
+                    [read_planetoid_data(Path(self.raw_dir), self.name)], self.processed_paths[0]
+                )
+
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            ds = Planetoid(str(cache), name, split=split)
+            ds = SafePlanetoid(str(cache), name, split=split)
         return _to_contract(ds[0], int(ds.num_classes), "accuracy")
 
     return build_in_cache("planetoid", src, ["raw"], name, build)
@@ -188,7 +276,16 @@ def load_heterophilous(
     def build(cache: Path) -> Data:
         from torch_geometric.datasets import HeterophilousGraphDataset
 
-        ds = HeterophilousGraphDataset(str(cache), key)
+        # PyG reads the raw .npz with np.load (allow_pickle=False, numpy's default since
+        # 1.16.3): an object array raises ValueError instead of being unpickled.
+        class SafeHeterophilous(StrictCache, HeterophilousGraphDataset):
+            pass
+
+        try:
+            ds = SafeHeterophilous(str(cache), key)
+        except (ValueError, KeyError, OSError, RuntimeError, EOFError) as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise DatasetError(f"cannot read {src / 'raw' / f'{key}.npz'}: {reason}") from None
         data = ds[0]
         for m in ("train_mask", "val_mask", "test_mask"):
             data[m] = data[m][:, col]

@@ -6,12 +6,17 @@ A dataset family is one module that registers a loader::
     def load_planetoid(arg: str | None, root: Path | None, split: str | None,
                        options: dict[str, str]) -> Data: ...
 
+To add a family: write that module, add it to :data:`LOADER_MODULES` and add its name to
+``DATASET_FAMILIES`` in :mod:`abkd_deploy.names` (the torch-free table the command line
+checks ``--dataset`` against; registering an undeclared name fails).
+
 Names are ``family`` or ``family:arg`` (``planetoid:Cora``, ``npz:/path/g.npz``);
 ``csbm:num_nodes=1000,homophily=0.8`` passes ``key=value`` options instead of an arg.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +30,16 @@ Loader = Callable[[str | None, Path | None, str | None, dict[str, str]], Data]
 
 DATASETS: Registry[Loader] = Registry("dataset")
 
+#: Modules registering the built-in dataset families (imported on first use).
+LOADER_MODULES = (
+    "abkd_deploy.data.csbm",
+    "abkd_deploy.data.csbm_mag",
+    "abkd_deploy.data.npz",
+    "abkd_deploy.data.ogb",
+    "abkd_deploy.data.ogb_hetero",
+    "abkd_deploy.data.pyg_datasets",
+)
+
 #: Metrics a dataset can declare in ``data.metric``.
 METRICS = ("accuracy", "roc_auc")
 
@@ -37,7 +52,7 @@ def parse_dataset_name(name: str) -> tuple[str, str | None, dict[str, str]]:
         raise ConfigError(f"empty dataset name {name!r}; expected one of: {known_datasets()}")
     options: dict[str, str] = {}
     arg: str | None = rest or None
-    if rest and "=" in rest and family not in ("npz",):
+    if rest and "=" in rest and family not in ("npz", "ogb-hetero"):
         arg = None
         for part in rest.split(","):
             key, eq, value = part.partition("=")
@@ -68,7 +83,9 @@ def load_dataset(name: str, root: str | Path | None = None, split: str | int | N
         A ``Data`` with ``x`` (float32, [N, F]), ``edge_index`` (int64, [2, E], both
         directions, no self loops), ``y`` (int64, [N]), boolean ``train_mask``,
         ``val_mask``, ``test_mask`` ([N]) and the attributes ``num_classes`` (int),
-        ``name`` (str) and ``metric`` (``accuracy`` or ``roc_auc``).
+        ``name`` (str) and ``metric`` (``accuracy`` or ``roc_auc``). Typed families
+        (``ogbn-mag``, ``ogb-hetero:<dir>``, ``csbm-mag``) return a
+        :class:`~abkd_deploy.data.typed_graph.TypedGraph` instead.
 
     Raises:
         ConfigError: unknown name or bad option.
@@ -99,6 +116,9 @@ def check_data(data: Data) -> None:
     Raises:
         DatasetError: naming the first attribute that violates it.
     """
+    if getattr(data, "is_typed", False):  # a TypedGraph (abkd_deploy.data.typed_graph)
+        data.check()
+        return
     n = data.num_nodes
     if not isinstance(data.x, torch.Tensor) or data.x.dim() != 2 or data.x.size(0) != n:
         raise DatasetError(f"x must be a [num_nodes={n}, F] tensor")
@@ -127,7 +147,5 @@ def check_data(data: Data) -> None:
 
 def _import_builtin_loaders() -> None:
     # Importing the modules registers their loaders (one module per family).
-    import abkd_deploy.data.csbm
-    import abkd_deploy.data.npz
-    import abkd_deploy.data.ogb
-    import abkd_deploy.data.pyg_datasets  # noqa: F401
+    for module in LOADER_MODULES:
+        importlib.import_module(module)

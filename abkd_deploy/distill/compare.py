@@ -11,6 +11,7 @@ from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec, distill
 from abkd_deploy.distill.teacher import train_teacher
 from abkd_deploy.distill.trainer import TrainConfig
 from abkd_deploy.errors import ConfigError
+from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
 from abkd_deploy.utils import atomic_path, write_json
 
 DEFAULT_METHODS = ("ce", "kd", "fitnet", "at", "lsp", "gcrd", "abkd")
@@ -27,63 +28,72 @@ def compare(
     seeds: int = 5,
     methods: tuple[str, ...] = DEFAULT_METHODS,
     out: str | Path = "runs/compare",
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs :func:`~abkd_deploy.distill.run.distill` for each method and writes
     ``out/comparison.json`` and ``out/comparison.md`` (one row per method).
 
     The teacher is trained once (into ``out/teacher``) unless ``teacher.path`` is given;
-    ``kd`` supplies the shared hyper-parameters (its ``method`` is replaced).
+    ``kd`` supplies the shared hyper-parameters (its ``method`` is replaced). ``out`` is
+    checked before any training, staged and published whole (:mod:`abkd_deploy.staging`),
+    ``run.json`` last.
     """
     teacher, kd, train = teacher or TeacherSpec(), kd or KDSpec(), train or TrainConfig()
     for m in methods:
         METHODS.get(m)
     if not methods:
         raise ConfigError("compare needs at least one method")
-    out = Path(out)
-    if teacher.path is None:
-        train_teacher(
-            dataset,
-            root,
-            split,
-            teacher.arch,
-            teacher.layers,
-            teacher.hidden,
-            teacher.dropout,
-            replace(train, epochs=teacher.epochs or train.epochs, batch_size=0),
-            out / "teacher",
-        )
-        teacher = replace(teacher, path=str(out / "teacher"))
-    rows = []
-    for method in methods:
-        m = distill(
-            dataset,
-            root,
-            split,
-            teacher,
-            student,
-            replace(kd, method=method),
-            train,
-            seeds,
-            out / method,
-        )
-        rows.append(
-            {
-                "method": method,
-                "test_acc_mean": m["student"]["test_acc"],
-                "test_acc_std": m["student"]["test_acc_std"],
-                "val_acc_mean": m["student"]["val_acc"],
-                "per_seed_test": [s["test_acc"] for s in m["per_seed"]],
-                "student_params": m["student"]["params"],
-                "teacher_params": m["teacher"]["params"],
-                "teacher_test_acc": m["teacher"]["test_acc"],
-                "compression_ratio": m["compression_ratio"],
-                "seconds_per_epoch": m["seconds_per_epoch"],
-                "metric": m["metric"],
-            }
-        )
-    write_json(out / "comparison.json", {"dataset": dataset, "seeds": seeds, "rows": rows})
-    with atomic_path(out / "comparison.md") as tmp:
-        tmp.write_text(format_table(rows) + "\n")
+    sources = [teacher.path]  # a dataset root is protected by the ownership check
+    check_out_dir(out, force, sources)
+    with staged_directory(out, force, sources) as stage:
+        record = teacher.path
+        if teacher.path is None:
+            train_teacher(
+                dataset,
+                root,
+                split,
+                teacher.arch,
+                teacher.layers,
+                teacher.hidden,
+                teacher.dropout,
+                replace(train, epochs=teacher.epochs or train.epochs, batch_size=0),
+                stage / "teacher",
+            )
+            teacher = replace(teacher, path=str(stage / "teacher"))
+            record = str(Path(out) / "teacher")
+        rows = []
+        for method in methods:
+            m = distill(
+                dataset,
+                root,
+                split,
+                teacher,
+                student,
+                replace(kd, method=method),
+                train,
+                seeds,
+                stage / method,
+                teacher_record=record,
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "test_acc_mean": m["student"]["test_acc"],
+                    "test_acc_std": m["student"]["test_acc_std"],
+                    "val_acc_mean": m["student"]["val_acc"],
+                    "per_seed_test": [s["test_acc"] for s in m["per_seed"]],
+                    "student_params": m["student"]["params"],
+                    "teacher_params": m["teacher"]["params"],
+                    "teacher_test_acc": m["teacher"]["test_acc"],
+                    "compression_ratio": m["compression_ratio"],
+                    "seconds_per_epoch": m["seconds_per_epoch"],
+                    "metric": m["metric"],
+                }
+            )
+        write_json(stage / "comparison.json", {"dataset": dataset, "seeds": seeds, "rows": rows})
+        with atomic_path(stage / "comparison.md") as tmp:
+            tmp.write_text(format_table(rows) + "\n")
+        write_run_record(stage, "compare")
     return rows
 
 

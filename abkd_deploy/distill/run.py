@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,7 +22,12 @@ from abkd_deploy.distill.trainer import FitResult, TrainConfig, Trainer
 from abkd_deploy.errors import CheckpointError, ConfigError
 from abkd_deploy.models import GNN, MODELS, build_model, count_parameters, load_model, save_model
 from abkd_deploy.plots import plot_attention, plot_curves
+from abkd_deploy.rundir import checkpoint_hashes
+from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
 from abkd_deploy.utils import seed_everything, sha256_file, write_json
+
+#: Inside the staging dir: where a teacher trained by this run is written first.
+WORK_DIR = ".work"
 
 
 @dataclass
@@ -124,11 +128,20 @@ def distill(
     train: TrainConfig | None = None,
     seeds: int = 1,
     out: str | Path = "runs/distill",
+    force: bool = False,
+    teacher_record: str | None = None,
 ) -> dict[str, Any]:
     """Distills a teacher into a student and writes the run directory ``out``.
 
     Runs ``seeds`` seeds (``train.seed``, ``train.seed + 1``, ...); the saved student is
     the one with the best validation score. See docs/FORMATS.md for the files.
+
+    ``out`` is checked before any training (:mod:`abkd_deploy.staging`: it may not overlap
+    the teacher dir; an existing one is replaced only with ``force`` and only
+    if this tool wrote it), staged (a teacher trained here is trained inside the staging
+    dir) and published whole, ``run.json`` last. ``metrics.json`` and ``config.json``
+    record the checkpoints' SHA-256. ``teacher_record``: the teacher path to record
+    instead of ``teacher.path`` (compare passes the published location).
 
     Returns:
         The metrics written to ``out/metrics.json``.
@@ -139,14 +152,14 @@ def distill(
         raise ConfigError(f"--seeds {seeds}; expected >= 1")
     METHODS.get(kd.method)  # fail on bad names before any training
     MODELS.get(student.arch)
-    out = Path(out)
+    sources = [teacher.path]  # a dataset root is protected by the ownership check
+    check_out_dir(out, force, sources)
     start = time.perf_counter()
     data = load_dataset(dataset, root, split)
     ref = dataset_ref(dataset, root, split)
-    with tempfile.TemporaryDirectory(
-        prefix=".distill-", dir=out.parent if out.parent.exists() else None
-    ) as tmp:
-        teacher_model, teacher_src = prepare_teacher(teacher, data, ref, train, Path(tmp))
+    with staged_directory(out, force, sources) as stage:
+        work = stage / WORK_DIR  # a teacher trained here; removed before publishing
+        teacher_model, teacher_src = prepare_teacher(teacher, data, ref, train, work)
         t_scores = split_scores(
             data,
             full_graph_outputs(
@@ -161,19 +174,22 @@ def distill(
         ]
         best = max(runs, key=lambda r: r["result"].scores["val"])
         metrics = _metrics(ref, data, kd, teacher_model, t_scores, best["model"], runs, start)
+        recorded = teacher if teacher_record is None else replace(teacher, path=teacher_record)
         _write_run(
-            out,
+            stage,
             teacher_src,
             best,
             metrics,
             ref,
             student,
-            teacher,
+            recorded,
             kd,
             train,
             seeds,
             teacher_model if kd.teacher_mode == "joint" else None,
         )
+        shutil.rmtree(work, ignore_errors=True)
+        write_run_record(stage, "distill")
     return metrics
 
 
@@ -267,15 +283,14 @@ def _write_run(
     seeds,
     tuned_teacher: GNN | None,
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """Writes the run's files into ``out`` (the staging directory)."""
     if tuned_teacher is not None:  # joint mode: the fine-tuned teacher of the saved seed
         save_model(best["teacher"], out, "teacher", extra={"dataset": ref})
-    elif teacher_src.resolve() != out.resolve():
+    else:
         for name in ("teacher.safetensors", "teacher.json"):
-            shutil.copyfile(teacher_src / name, out / f".{name}.tmp")
-            (out / f".{name}.tmp").replace(out / name)
+            shutil.copyfile(teacher_src / name, out / name)
     teacher_info = {
-        "source": str(teacher_src) if teacher.path else "trained by this run",
+        "source": teacher.path if teacher.path else "trained by this run",
         "sha256": sha256_file(out / "teacher.safetensors"),
     }
     save_model(
@@ -306,6 +321,8 @@ def _write_run(
         f"{kd.method}: {metrics['student']['arch']} student, seed {best['seed']}",
     )
     write_json(out / "history.json", best["result"].history)
+    hashes = checkpoint_hashes(out, ("student.safetensors", "teacher.safetensors"))
+    metrics["checkpoints"] = hashes
     write_json(
         out / "config.json",
         {
@@ -316,6 +333,7 @@ def _write_run(
             "kd": asdict(kd),
             "train": asdict(train),
             "seeds": seeds,
+            "checkpoints": hashes,
         },
     )
     write_json(out / "metrics.json", metrics)

@@ -13,6 +13,8 @@ from abkd_deploy.distill.trainer import TrainConfig, Trainer
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.models import build_model, count_parameters, save_model
 from abkd_deploy.plots import plot_curves
+from abkd_deploy.rundir import checkpoint_hashes
+from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
 from abkd_deploy.utils import seed_everything, write_json
 
 
@@ -35,8 +37,13 @@ def train_teacher(
     dropout: float | None = None,
     train: TrainConfig | None = None,
     out: str | Path = "runs/teacher",
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Trains a teacher and writes ``out`` (see docs/FORMATS.md).
+    """Trains a teacher and writes the run dir ``out`` (see docs/FORMATS.md).
+
+    ``out`` is checked before training (see :mod:`abkd_deploy.staging`: an existing one is
+    replaced only with ``force`` and only if this tool wrote it), staged and published
+    whole, with ``run.json`` last.
 
     Returns:
         The metrics written to ``out/metrics.json``: ``val_acc``/``test_acc`` (the
@@ -45,6 +52,7 @@ def train_teacher(
     """
     train = train or TrainConfig()
     start = time.perf_counter()
+    check_out_dir(out, force)
     data = load_dataset(dataset, root, split)
     if dropout is None:
         dropout = 0.6 if arch == "gcnii" else 0.5
@@ -58,29 +66,38 @@ def train_teacher(
         dropout=dropout,
     )
     result = Trainer(model, data, train, desc=f"teacher {arch}").fit()
-    out = Path(out)
     ref = dataset_ref(dataset, root, split)
-    save_model(model.cpu(), out, "teacher", extra={"dataset": ref})
-    metrics = {
-        "dataset": ref,
-        "metric": data.metric,
-        "arch": arch,
-        "params": count_parameters(model),
-        "val_acc": result.scores["val"],
-        "test_acc": result.scores["test"],
-        "train_acc": result.scores["train"],
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "seconds_per_epoch": result.seconds_per_epoch,
-        "seconds": time.perf_counter() - start,
-        "seed": train.seed,
-    }
-    write_json(
-        out / "config.json",
-        {"command": "teacher", "dataset": ref, "model": model.config, "train": vars(train)},
-    )
-    write_json(out / "metrics.json", metrics)
-    plot_curves(result.history, out / "curves.png", f"teacher {arch} on {dataset}")
+    with staged_directory(out, force) as stage:
+        save_model(model.cpu(), stage, "teacher", extra={"dataset": ref})
+        hashes = checkpoint_hashes(stage, ("teacher.safetensors",))
+        metrics = {
+            "dataset": ref,
+            "metric": data.metric,
+            "arch": arch,
+            "params": count_parameters(model),
+            "val_acc": result.scores["val"],
+            "test_acc": result.scores["test"],
+            "train_acc": result.scores["train"],
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "seconds_per_epoch": result.seconds_per_epoch,
+            "seconds": time.perf_counter() - start,
+            "seed": train.seed,
+            "checkpoints": hashes,
+        }
+        write_json(
+            stage / "config.json",
+            {
+                "command": "teacher",
+                "dataset": ref,
+                "model": model.config,
+                "train": vars(train),
+                "checkpoints": hashes,
+            },
+        )
+        write_json(stage / "metrics.json", metrics)
+        plot_curves(result.history, stage / "curves.png", f"teacher {arch} on {dataset}")
+        write_run_record(stage, "teacher")
     return metrics
 
 

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.data import Data
-from tqdm.auto import tqdm
 
 from abkd_deploy.data.csr import CSR
 from abkd_deploy.data.graph import FullGraph
@@ -25,6 +24,7 @@ from abkd_deploy.data.sampler import NeighborSampler
 from abkd_deploy.distill.evaluate import full_graph_outputs, split_scores
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.models.base import GNN
+from abkd_deploy.progress import Progress
 from abkd_deploy.utils import resolve_device, seed_everything
 
 
@@ -143,15 +143,8 @@ class Trainer:
         best = (-float("inf"), 0, None, None)
         history: list[dict[str, float]] = []
         train_seconds = 0.0
-        bar = tqdm(
-            range(1, self.cfg.epochs + 1),
-            desc=self.desc,
-            disable=not self.cfg.progress,
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
-        for epoch in bar:
+        bar = Progress(self.cfg.epochs, self.desc, enabled=self.cfg.progress, unit="epoch")
+        for epoch in range(1, self.cfg.epochs + 1):
             if self.objective is not None and hasattr(self.objective, "set_epoch"):
                 self.objective.set_epoch(epoch - 1)
             start = time.perf_counter()
@@ -167,15 +160,16 @@ class Trainer:
                 self.data, full_graph_outputs(model, self.x, self.graph(model.norm))[0]
             )
             history.append({"epoch": epoch, **{f"loss/{k}": v for k, v in terms.items()}, **scores})
-            bar.set_postfix(
-                {**{k: f"{v:.3f}" for k, v in terms.items()}, "val": f"{scores['val']:.3f}"}
-            )
+            bar.update({**terms, "val": scores["val"]})
             if scores["val"] > best[0]:
                 teacher_state = copy.deepcopy(self.teacher.state_dict()) if self.joint else None
                 best = (scores["val"], epoch, copy.deepcopy(model.state_dict()), teacher_state)
             elif epoch - best[1] >= self.cfg.patience:
                 break
-        bar.close()
+        bar.close(
+            f"{len(history)} epochs, best epoch {best[1]}: val {history[best[1] - 1]['val']:.4f}, "
+            f"test {history[best[1] - 1]['test']:.4f}"
+        )
         model.load_state_dict(best[2])
         if best[3] is not None:
             self.teacher.load_state_dict(best[3])

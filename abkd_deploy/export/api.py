@@ -46,10 +46,11 @@ from abkd_deploy.export.reference import (
     load_run_dataset,
     student_logits,
 )
-from abkd_deploy.export.staging import staged_directory
 from abkd_deploy.export.validate import validate_artifact
 from abkd_deploy.metrics import score
 from abkd_deploy.models import count_parameters, load_model
+from abkd_deploy.rundir import verify_run_dir
+from abkd_deploy.staging import staged_directory
 from abkd_deploy.utils import write_json
 
 
@@ -81,7 +82,8 @@ def export(
         atol: Largest accepted max-abs-diff vs PyTorch; ``None`` = 1e-4 for float32,
             1e-2 for float16.
         dtype: Artifact float dtype, ``float32`` or ``float16``.
-        force: Replace an existing ``out_dir``.
+        force: Replace an existing ``out_dir`` that a previous export wrote (and that
+            holds nothing but the files its manifest lists).
         seed: Seed of the fanout tables and of the validation inputs.
         progress: Print steps and validation results to stderr.
         precompute: ``embedded`` ``gcn``/``sage`` students: store the outputs of layers
@@ -103,9 +105,9 @@ def export(
     fmts = resolve_formats(formats)
     adj = ADJACENCY.get(adjacency)
     atol = check_options(adj.name, opset, dtype, atol)
-    check_out_dir(out_dir, force)
-
+    verify_run_dir(run_dir)
     student, meta = load_model(run_dir, "student")
+    check_out_dir(out_dir, force, run_dir)
     student = student.float().cpu().eval()
     if dtype == "float16" and student.arch == "gat" and adj.name != "coo":
         raise ConfigError(
@@ -144,7 +146,7 @@ def export(
         f"({acc_exact:.4f} on the exact graph)"
     )
 
-    with staged_directory(out_dir, force) as tmp:
+    with staged_directory(out_dir, force, sources=[run_dir]) as tmp:
         results = {}
         for fmt in fmts:
             results[fmt.name] = _export_one(fmt, spec, ctx, tmp, opset, dtype, atol, y, log)

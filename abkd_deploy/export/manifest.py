@@ -1,98 +1,57 @@
-"""``manifest.json`` of an export directory (format_version 1, docs/FORMATS.md).
+"""Export's side of ``manifest.json``: provenance from the run dir, and re-exports.
 
-The manifest is what a consumer (the serving runtime, a service in another language)
-needs: adjacency format and parameters, input/output names, dtypes and symbolic shapes,
-opset, graph sizes, provenance, accuracy, validation result and the SHA-256 of every
-file. A copy without ``files`` goes into the ONNX ``metadata_props``.
+The schema (building, reading, checking) has one owner, :mod:`abkd_deploy.manifest`, which
+``serve`` reads through too; this module adds only what needs a run dir and turns the
+owner's :class:`ManifestError` into :class:`ExportError`. A copy of the manifest without
+``files`` goes into the ONNX ``metadata_props`` (:func:`onnx_format.write_metadata`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from abkd_deploy import __version__
+from abkd_deploy import manifest as schema
 from abkd_deploy.errors import ExportError
-from abkd_deploy.utils import read_json, sha256_file
+from abkd_deploy.manifest import (
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    METADATA_KEY,
+    ManifestError,
+    build_manifest,
+    file_entries,
+)
+from abkd_deploy.utils import read_json
 
-MANIFEST_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-
-
-def file_entries(directory: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``{name: {"sha256", "bytes"}}`` for files of ``directory``."""
-    out = {}
-    for name in sorted(names):
-        path = directory / name
-        out[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return out
-
-
-def build_manifest(
-    *,
-    adjacency: dict[str, Any],
-    model: dict[str, Any],
-    graph: dict[str, Any],
-    opset: int,
-    dtype: str,
-    inputs: list[dict[str, Any]],
-    outputs: list[dict[str, Any]],
-    artifacts: dict[str, str],
-    provenance: dict[str, Any],
-    accuracy: dict[str, Any],
-    validation: dict[str, Any],
-) -> dict[str, Any]:
-    """Assembles a manifest (without ``files``; see :func:`file_entries`)."""
-    return {
-        "format_version": MANIFEST_VERSION,
-        "producer": {"name": "abkd-deploy", "version": __version__},
-        "adjacency": adjacency,
-        "model": model,
-        "graph": graph,
-        "opset": opset,
-        "dtype": dtype,
-        "inputs": inputs,
-        "outputs": outputs,
-        "artifacts": artifacts,
-        "provenance": provenance,
-        "accuracy": accuracy,
-        "validation": validation,
-    }
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "METADATA_KEY",
+    "build_manifest",
+    "file_entries",
+    "provenance_from_run",
+    "read_manifest",
+]
 
 
 def read_manifest(export_dir: str | Path, verify_files: bool = False) -> dict[str, Any]:
-    """Reads and checks ``export_dir/manifest.json``.
+    """Reads and checks ``export_dir/manifest.json`` (:func:`abkd_deploy.manifest.read_manifest`).
 
     Args:
         export_dir: An export directory.
-        verify_files: Also recompute every file's SHA-256 and compare.
+        verify_files: Also check every listed file's size and SHA-256.
 
     Raises:
-        ExportError: missing / unreadable manifest, unsupported version, or a file that
-            is missing or does not match its hash.
+        ExportError: missing / unreadable / malformed manifest, unsupported version, or a
+            file that is missing or does not match its hash.
     """
-    directory = Path(export_dir)
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise ExportError(f"no {MANIFEST_NAME} in {str(directory)!r}: not an export directory")
     try:
-        manifest = read_json(path)
-    except (json.JSONDecodeError, OSError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != MANIFEST_VERSION:
-        raise ExportError(
-            f"{path} has format_version {version!r}; this version reads {MANIFEST_VERSION}"
-        )
-    if verify_files:
-        for name, entry in manifest.get("files", {}).items():
-            file = directory / name
-            if not file.is_file():
-                raise ExportError(f"{name} listed in {MANIFEST_NAME} is missing")
-            if sha256_file(file) != entry.get("sha256"):
-                raise ExportError(f"{name} does not match its sha256 in {MANIFEST_NAME}")
+        manifest = schema.read_manifest(export_dir)
+        if verify_files:
+            schema.verify_files(export_dir, manifest)
+    except ManifestError as exc:
+        raise ExportError(str(exc)) from None
     return manifest
 
 

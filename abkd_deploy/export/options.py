@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from abkd_deploy import staging
 from abkd_deploy.data.ell import parse_fanout
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.export.formats import DTYPES, ArtifactFormat, get_format
@@ -68,12 +69,7 @@ def check_options(adjacency: str, opset: int, dtype: str, atol: float | None) ->
     return atol
 
 
-def check_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuses an existing ``out_dir`` unless ``force``; creates its parent."""
-    if out_dir.exists() and not force:
-        raise ConfigError(
-            f"output directory {str(out_dir)!r} already exists; use --force to replace it"
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output path {str(out_dir)!r} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+def check_out_dir(out_dir: Path, force: bool, run_dir: Path | None = None) -> None:
+    """Refuses an ``out_dir`` that overlaps ``run_dir``, exists without ``force`` or is not
+    a previous export to replace (:func:`abkd_deploy.staging.check_out_dir`)."""
+    staging.check_out_dir(out_dir, force, sources=[run_dir])

@@ -15,18 +15,19 @@ from abkd_deploy.data.csr import CSR
 from abkd_deploy.data.sampler import NeighborSampler
 from abkd_deploy.errors import CheckpointError
 from abkd_deploy.export.adjacency import ADJACENCY, ExportContext
+from abkd_deploy.export.manifest import read_manifest
 from abkd_deploy.export.reference import eval_ids, load_run_dataset
 from abkd_deploy.models import load_model
-from abkd_deploy.utils import read_json
 
 
 def build_export_module(export_dir: str | Path) -> nn.Module:
     """The float32 export-form module (eval mode, CPU) that ``export_dir`` was made from.
 
     Raises:
+        ExportError: no readable manifest (:func:`abkd_deploy.manifest.read_manifest`).
         CheckpointError: the manifest names no run dir, or the run dir is gone.
     """
-    manifest = read_json(Path(export_dir) / "manifest.json")
+    manifest = read_manifest(export_dir)
     run_dir = (manifest.get("provenance") or {}).get("run_dir")
     if not run_dir or not (Path(run_dir) / "student.json").is_file():
         raise CheckpointError(

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from abkd_deploy.errors import CheckpointError, ConfigError
 from abkd_deploy.models.base import GNN
-from abkd_deploy.utils import atomic_path, write_json
+from abkd_deploy.utils import atomic_path, sha256_file, write_json
 
 CHECKPOINT_VERSION = 1
 
@@ -23,6 +23,9 @@ def save_model(
     model: GNN, directory: str | Path, name: str, extra: dict[str, Any] | None = None
 ) -> Path:
     """Writes ``directory/name.safetensors`` and ``directory/name.json`` atomically.
+
+    ``name.json`` records the weights' SHA-256 (``weights_sha256``); :func:`load_model`
+    refuses weights that do not match it.
 
     Args:
         model: The model (its :attr:`GNN.config` is stored).
@@ -41,7 +44,12 @@ def save_model(
         save_file(state, str(tmp), metadata={"format": "pt", "arch": model.arch})
     write_json(
         directory / f"{name}.json",
-        {"checkpoint_version": CHECKPOINT_VERSION, "model": model.config, **(extra or {})},
+        {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "model": model.config,
+            "weights_sha256": sha256_file(weights),
+            **(extra or {}),
+        },
     )
     return weights
 
@@ -82,6 +90,12 @@ def load_model(directory: str | Path, name: str) -> tuple[GNN, dict[str, Any]]:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}") from None
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and sha256_file(weights) != recorded:
+        raise CheckpointError(
+            f"{weights} does not match the weights_sha256 recorded in {name}.json: the two "
+            "files come from different runs"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -21,6 +21,7 @@ Protocol (numbers are medians, never single runs):
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -35,11 +36,15 @@ import numpy as np
 
 from abkd_deploy import __version__
 from abkd_deploy.errors import AbkdError, ConfigError
+from abkd_deploy.names import BENCH_MODELS
+from abkd_deploy.progress import Progress
 from abkd_deploy.serve.manifest import load_manifest
 from abkd_deploy.utils import atomic_path, write_json
 
-MODELS = ("teacher-torch", "student-torch", "student-torch-export", "student-onnx")
+MODELS = BENCH_MODELS
 REPORT_VERSION = 1
+#: A percentile resting on fewer requests per trial than this gets a warning.
+MIN_SAMPLES = 20
 
 
 def make_requests(
@@ -92,8 +97,6 @@ def bench(
         device: ``cpu``, ``cuda`` or ``auto`` for every model.
         threads: Intra-op threads of torch and onnxruntime (default: all cores).
     """
-    from tqdm.auto import tqdm
-
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     if manifest["adjacency"]["format"] != "embedded":
@@ -139,11 +142,14 @@ def bench(
             **make_requests(test_ids, batch_sizes, requests, seed),
         )
         outputs = []
-        for model in tqdm(list(models), desc="bench", disable=not progress):
+        bar = Progress(len(models), "bench", enabled=progress, unit="model")
+        for model in models:
             # the worker reads its requests from the file, so "requests" is the path there
             spec = {**config, "model": model, "requests": str(req_path), "metric": metric}
             spec.update(run_dir=run_dir)
             outputs.append(_run_worker(spec, Path(tmp)))
+            bar.update({"done": model})
+        bar.close(f"{len(models)} models in {time.perf_counter() - start:.1f} s")
     return _report(outputs, config, time.perf_counter() - start)
 
 
@@ -175,6 +181,7 @@ def _report(
             gpu_peak_mb=s["gpu_peak_mb"],
             model_bytes=s.get("model_bytes"),
             accuracy=s["accuracy"],
+            samples=_samples(r),
         )
     by = {(r["model"], r["batch_size"]): r for r in results}
     ratios = {}
@@ -195,38 +202,144 @@ def _report(
         "format_version": REPORT_VERSION,
         "producer": {"name": "abkd-deploy", "version": __version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor(),
-        },
+        "machine": machine(),
         "config": config,
         "models": summaries,
         "results": results,
         "ratios": ratios,
+        "warnings": sample_warnings(results, config),
         "seconds": seconds,
     }
 
 
+def machine() -> dict[str, Any]:
+    """Facts about this machine for the report: CPU model, cores, platform, versions."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor(),
+        "versions": {pkg: _version(pkg) for pkg in ("torch", "onnxruntime", "numpy")},
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _samples(result: dict[str, Any]) -> dict[str, int]:
+    """Requests behind each percentile: ``per_trial`` (fewest in a trial), ``trials``, ``total``.
+
+    Every trial's p50/p95/p99 is computed over that trial's requests and the reported
+    value is the median over trials, so ``per_trial`` is what a percentile rests on.
+    """
+    counts = result.get("trials_samples") or [result.get("requests_per_trial", 0)]
+    counts = [int(c) for c in counts]
+    return {"per_trial": min(counts), "trials": len(counts), "total": sum(counts)}
+
+
+def sample_warnings(results: list[dict[str, Any]], config: dict[str, Any]) -> list[str]:
+    """One warning per result whose percentiles rest on fewer than :data:`MIN_SAMPLES`."""
+    out = []
+    for r in results:
+        n = r["samples"]["per_trial"]
+        if n >= MIN_SAMPLES:
+            continue
+        asked = config.get("requests")
+        if isinstance(asked, int) and n < asked:
+            why = (
+                f"--trial-seconds {config.get('trial_seconds'):g} stopped each trial after "
+                f"{n} of {asked} requests"
+            )
+        else:
+            why = f"--requests {asked} is below {MIN_SAMPLES}"
+        out.append(
+            f"{r['model']} batch {r['batch_size']}: p50/p95/p99 rest on {n} request(s) per "
+            f"trial (fewer than {MIN_SAMPLES}: {why}); treat them as rough"
+        )
+    return out
+
+
+def format_ratio(value: float) -> str:
+    """A ratio with 3 significant digits: ``27,100x``, ``361x``, ``3.42x``, ``0.5x``."""
+    if not math.isfinite(value):
+        return f"{value}x"
+    rounded = float(f"{value:.3g}")
+    return f"{rounded:,.0f}x" if abs(rounded) >= 100 else f"{rounded:.3g}x"
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    m, c = report.get("machine") or {}, report.get("config") or {}
+    cores = m.get("cpu_count")
+    usable = m.get("usable_cores")
+    core_text = f"{cores} cores" + (f" ({usable} usable)" if usable and usable != cores else "")
+    sizes = ", ".join(str(b) for b in c.get("batch_sizes", []))
+    return [
+        f"# bench: {c.get('export_dir', '?')}",
+        "",
+        f"- machine: {m.get('cpu_model') or m.get('processor') or 'unknown CPU'}, {core_text}, "
+        f"{m.get('platform', '?')}, Python {m.get('python', '?')}",
+        f"- threads: {c.get('threads', '?')} intra-op (torch and onnxruntime), "
+        f"device {c.get('device', '?')}",
+        f"- trials: {c.get('trials', '?')} per model and batch size (medians reported), "
+        f"{c.get('requests', '?')} requests each, warm-up {c.get('warmup', '?')}, a trial "
+        f"stops after {c.get('trial_seconds', '?')} s (keeping >= 3 requests); "
+        f"batch sizes {sizes}",
+        f"- created {report.get('created', '?')} by abkd-deploy "
+        f"{(report.get('producer') or {}).get('version', '?')}",
+        "",
+    ]
+
+
 def format_markdown(report: dict[str, Any]) -> str:
-    """Markdown table of a report (one row per model and batch size) plus the ratios."""
+    """Markdown report: a header (machine, threads, trial settings), one table row per model
+    and batch size (with the requests per trial behind its percentiles), the ratios and
+    the warnings."""
     metric = next(iter(report["models"].values()))["metric"] if report["models"] else "accuracy"
     lines = [
-        "| model | batch | p50 ms | p95 ms | p99 ms | mean ms | nodes/s | peak RSS MB "
-        f"| model size | test {metric} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *_header(report),
+        "| model | batch | p50 ms | p95 ms | p99 ms | samples | mean ms | nodes/s "
+        f"| peak RSS MB | model size | test {metric} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         size = _human_bytes(r.get("model_bytes") or 0)
+        n = r.get("samples") or _samples(r)
+        few = " (!)" if n["per_trial"] < MIN_SAMPLES else ""
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} "
-            f"| {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['throughput_nps']:,.0f} "
-            f"| {r['peak_rss_mb']:.0f} | {size} | {r['accuracy']:.4f} |"
+            f"| {r['p99_ms']:.3f} | {n['per_trial']} x {n['trials']}{few} | {r['mean_ms']:.3f} "
+            f"| {r['throughput_nps']:,.0f} | {r['peak_rss_mb']:.0f} | {size} "
+            f"| {r['accuracy']:.4f} |"
         )
+    lines += ["", "samples: requests per trial x trials; percentiles are per trial, then median."]
     if report.get("ratios"):
         lines.append("")
-        lines += [f"- {k}: {v:.1f}x" for k, v in report["ratios"].items()]
+        lines += [f"- {k}: {format_ratio(v)}" for k, v in report["ratios"].items()]
+    if report.get("warnings"):
+        lines += ["", "Warnings:", *[f"- {w}" for w in report["warnings"]]]
     served = [
         f"- {m}: {s.get('served_as', '')} ({s.get('provider', 'torch')})"
         for m, s in report["models"].items()
@@ -235,10 +348,18 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> list[Path]:
-    """Writes ``path`` (JSON), ``path`` with ``.md`` and ``.png`` suffixes; returns them."""
-    from abkd_deploy.plots import plot_latency
+    """Writes ``path`` (JSON), ``path`` with ``.md`` and ``.png`` suffixes; returns them.
 
+    Each file is written atomically and follows the umask; the paths are checked first
+    (:func:`~abkd_deploy.serve.report_path.check_report_path`: never inside the export or
+    run dir benchmarked, never over a file that is not this tool's report).
+    """
+    from abkd_deploy.plots import plot_latency
+    from abkd_deploy.serve.report_path import check_report_path
+
+    config = report.get("config") or {}
     path = Path(path)
+    check_report_path(path, (config.get("export_dir"), config.get("teacher_dir")))
     write_json(path, report)
     md = path.with_suffix(".md")
     with atomic_path(md) as tmp:

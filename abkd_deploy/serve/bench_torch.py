@@ -71,9 +71,9 @@ def _student_sampled(spec: dict[str, Any], device: torch.device):
     from abkd_deploy.data.csr import CSR
     from abkd_deploy.data.sampler import NeighborSampler
     from abkd_deploy.export.reference import load_run_dataset
-    from abkd_deploy.utils import read_json
+    from abkd_deploy.serve.manifest import load_manifest
 
-    adj = read_json(Path(spec["export_dir"]) / "manifest.json")["adjacency"]
+    adj = load_manifest(spec["export_dir"])["adjacency"]
     student, meta = load_model(spec["run_dir"], "student")
     data = load_run_dataset(Path(spec["run_dir"]), meta, student)
     csr = CSR.from_edge_index(data.edge_index, data.num_nodes)

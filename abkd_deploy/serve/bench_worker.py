@@ -85,6 +85,7 @@ def measure(
         predict(batches[i % len(batches)])
     per_trial: dict[str, list[float]] = {"p50": [], "p95": [], "p99": [], "mean": []}
     throughput: list[float] = []
+    samples: list[int] = []  # requests timed in each trial: what each percentile rests on
     for _ in range(trials):
         lat = []
         start = time.perf_counter()
@@ -100,12 +101,14 @@ def measure(
             per_trial[key].append(float(np.percentile(arr, q)))
         per_trial["mean"].append(float(arr.mean()))
         throughput.append(len(lat) * batches.shape[1] / wall)
+        samples.append(len(lat))
     return {
         "trials_ms": per_trial,
         "trials_throughput_nps": throughput,
         **{f"{k}_ms": statistics.median(v) for k, v in per_trial.items()},
         "throughput_nps": statistics.median(throughput),
         "requests_per_trial": len(lat),
+        "trials_samples": samples,
     }
 
 
@@ -116,7 +119,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     predict, logits, info = build(spec)
     load_seconds = time.perf_counter() - t0
     loaded_rss = _rss_mb()
-    reqs = np.load(spec["requests"])
+    reqs = np.load(spec["requests"], allow_pickle=False)  # plain arrays only, never objects
     results = []
     for b in spec["batch_sizes"]:
         stats = measure(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from abkd_deploy.errors import ServeError
@@ -10,11 +11,30 @@ from abkd_deploy.errors import ServeError
 MAX_LISTED = 20
 
 
+def _short_repr(value: Any, max_chars: int = 60) -> str:
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<deeply nested {type(value).__name__}>"
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
 def preview(values: list[Any], limit: int = 10) -> str:
-    """Formats the first ``limit`` values of a list, noting how many were left out."""
-    shown = ", ".join(repr(v) for v in values[:limit])
+    """Formats the first ``limit`` values of a list (each shortened), noting how many more."""
+    shown = ", ".join(_short_repr(v) for v in values[:limit])
     more = len(values) - limit
     return f"[{shown}{f', ... (+{more} more)' if more > 0 else ''}]"
+
+
+def json_safe(value: Any, max_chars: int = 100) -> Any:
+    """``value`` if strict JSON can carry it in at most ``max_chars`` characters, else a
+    short ``repr`` string (``NaN``/``Infinity``, long strings, big nested values), so an
+    error body that echoes client values can always be rendered."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return _short_repr(value, max_chars)
+    return value if len(text) <= max_chars else _short_repr(value, max_chars)
 
 
 class ArtifactError(ServeError):
@@ -47,7 +67,7 @@ class InvalidNodeIds(RequestError):
 
     def __init__(self, message: str, values: list[Any] | None = None) -> None:
         super().__init__(message)
-        self.values = list(values or [])[:MAX_LISTED]
+        self.values = [json_safe(v) for v in list(values or [])[:MAX_LISTED]]
 
 
 class BatchTooLarge(RequestError):
@@ -65,6 +85,13 @@ class BatchTooLarge(RequestError):
         super().__init__(f"{what} has {size} node ids; at most {limit} are allowed")
         self.size = size
         self.limit = limit
+
+
+class RequestTimeout(RequestError):
+    """The request body did not arrive within the body read timeout."""
+
+    http_status = 408
+    code = "request_timeout"
 
 
 class Unavailable(ServeError):

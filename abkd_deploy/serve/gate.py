@@ -24,6 +24,10 @@ Noise handling:
   2-core CI machine is ~5-10%). Improvements never fail the gate.
 * **Absolute floor.** Latency changes smaller than ``min_delta_ms`` (default 0) are
   ignored, for sub-millisecond latencies where timer and scheduler noise dominate.
+* **Samples.** A percentile over a handful of requests is mostly noise (a p99 over 3
+  requests is their maximum). Each comparison carries the fewest requests per trial of the
+  two results (``samples`` in the report, see :func:`result_samples`), and the message of a
+  regression resting on fewer than :data:`MIN_SAMPLES` says so.
 * Compare reports from the same machine kind and the same bench options; entries present
   in only one report are not compared, and reports with nothing in common are an error.
 """
@@ -42,6 +46,8 @@ from abkd_deploy.errors import ConfigError
 
 REPORT_FORMAT_VERSION = 1
 DEFAULT_MAX_REGRESSION = 0.15
+#: Fewer requests per trial than this behind a percentile: the regression message warns.
+MIN_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class Comparison:
             throughput); positive means worse.
         regressed: ``worse_by`` beyond the tolerance (and the absolute floor).
         unit: the metric's unit.
+        samples: fewest requests per trial behind the two values (``None``: unknown).
     """
 
     metric: str
@@ -94,6 +101,7 @@ class Comparison:
     worse_by: float
     regressed: bool
     unit: str
+    samples: int | None = None
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -154,6 +162,21 @@ def metric_value(result: dict[str, Any], metric: Metric) -> float | None:
     return float(summary) if isinstance(summary, (int, float)) else None
 
 
+def result_samples(result: dict[str, Any]) -> int | None:
+    """Fewest requests timed in one trial of ``result`` (``None`` if the report predates it).
+
+    Reads ``samples.per_trial``, else ``trials_samples``, else ``requests_per_trial``.
+    """
+    samples = result.get("samples")
+    if isinstance(samples, dict) and isinstance(samples.get("per_trial"), int):
+        return samples["per_trial"]
+    trials = result.get("trials_samples")
+    if isinstance(trials, list) and trials and all(isinstance(n, int) for n in trials):
+        return min(trials)
+    n = result.get("requests_per_trial")
+    return n if isinstance(n, int) else None
+
+
 def compare_all(
     baseline: dict[str, Any],
     current: dict[str, Any],
@@ -186,6 +209,9 @@ def compare_all(
         )
     out: list[Comparison] = []
     for model, bs in common:
+        counts = [result_samples(idx[model, bs]) for idx in (old_idx, new_idx)]
+        known = [n for n in counts if n is not None]
+        samples = min(known) if known else None
         for m in metrics:
             old = metric_value(old_idx[model, bs], m)
             new = metric_value(new_idx[model, bs], m)
@@ -195,7 +221,11 @@ def compare_all(
             worse_by = -change if m.higher_is_better else change
             big_enough = m.unit != "ms" or abs(new - old) > min_delta_ms
             regressed = worse_by > max_regression and big_enough
-            out.append(Comparison(m.name, model, bs, old, new, change, worse_by, regressed, m.unit))
+            out.append(
+                Comparison(
+                    m.name, model, bs, old, new, change, worse_by, regressed, m.unit, samples
+                )
+            )
     return out
 
 
@@ -230,8 +260,10 @@ def format_regressions(
         return f"regression gate passed: no metric worse than the baseline by more than {tol}"
     lines = [f"regression gate failed: {len(regressions)} metric(s) worse by more than {tol}:"]
     for r in regressions:
+        few = r.samples is not None and r.samples < MIN_SAMPLES
+        note = f"; only {r.samples} requests per trial: noisy" if few else ""
         lines.append(
             f"  {r.metric} {r.model} batch {r.batch_size}: {_fmt(r.old)} -> {_fmt(r.new)} "
-            f"{r.unit} ({r.change:+.1%}, worse by {r.worse_by:.1%})"
+            f"{r.unit} ({r.change:+.1%}, worse by {r.worse_by:.1%}{note})"
         )
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import numpy as np
 
 from abkd_deploy.errors import ConfigError, DeviceError
 from abkd_deploy.serve.errors import ArtifactError, InvalidInput
-from abkd_deploy.serve.manifest import load_manifest, onnx_file, verify_files
+from abkd_deploy.serve.manifest import check_model, load_manifest, onnx_file, verify_files
 from abkd_deploy.serve.providers import create_session
 from abkd_deploy.serve.validate import as_node_ids
 
@@ -79,8 +79,10 @@ class Predictor:
         num_classes: number of classes.
 
     Raises:
-        ArtifactError: missing/malformed manifest, hash mismatch, unloadable model, or a model
-            whose inputs/outputs disagree with the manifest.
+        ArtifactError: missing/malformed manifest, hash mismatch, unloadable model, a manifest
+            that disagrees with the copy inside the model or with the size of its node
+            tables (so no id in ``[0, num_nodes)`` can be out of the model's range), or a
+            model whose inputs/outputs disagree with the manifest.
         DeviceError: ``device='cuda'`` and the model cannot run on CUDA.
     """
 
@@ -106,6 +108,7 @@ class Predictor:
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"onnxruntime cannot load {model_path}: {first}") from exc
+        check_model(self.manifest, model_path)
         self.session = self._info.session
         self.provider: str = self._info.provider
         self.format: str = self.manifest["adjacency"]["format"]
@@ -212,6 +215,19 @@ class Predictor:
         if want != set(self._inputs):
             raise ArtifactError(
                 f"manifest.json lists inputs {sorted(want)}; the model has {sorted(self._inputs)}"
+            )
+        want_out = {o["name"] for o in self.manifest["outputs"]}
+        if want_out != set(self._outputs):
+            raise ArtifactError(
+                f"manifest.json lists outputs {sorted(want_out)}; the model has "
+                f"{sorted(self._outputs)}"
+            )
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        width = logits.shape[-1] if logits is not None and logits.shape else None
+        if isinstance(width, int) and width != self.num_classes:
+            raise ArtifactError(
+                f"manifest.json says graph.num_classes={self.num_classes}; the model's "
+                f"logits have {width} columns"
             )
         if self.format == "embedded" and ("node_ids" not in want or "logits" not in self._outputs):
             raise ArtifactError(

@@ -5,22 +5,31 @@ Endpoints:
 * ``POST /v1/predict`` ``{"node_ids": [...], "return_embedding": false}`` ->
   ``{"predictions": [class per id], "scores": [[probability per class] per id]}``, plus
   ``"embeddings"`` when asked for. Errors answer ``{"error": {"code", "message", ...}}``:
-  malformed JSON 400, a bad body or invalid ids 422 (``values`` lists the offending ids),
-  too many ids or too large a body 413, shutting down / overloaded 503.
+  malformed JSON 400 (also ``NaN``/``Infinity``, which are not JSON), a body that does not
+  arrive within the body timeout 408, a bad body or invalid ids 422 (``values`` lists the
+  offending ids), too many ids or too large a body 413, shutting down / overloaded 503.
+  Every error, including 404/405 and an internal 500, is a JSON body.
 * ``GET /healthz``: provider, model and limits.
 * ``GET /metrics``: Prometheus text (see :mod:`abkd_deploy.serve.metrics`).
 
+Metrics of ``/v1/predict`` are recorded in one place, from the status actually sent
+(:mod:`abkd_deploy.serve.accounting`). Connections have bounded header/body read times, a
+bounded keep-alive and a bound on their number (:mod:`abkd_deploy.serve.limits`).
+
 Shutdown (SIGTERM/SIGINT): uvicorn stops accepting connections and waits for in-flight
-requests; the app's lifespan shutdown then drains the micro-batcher.
+requests (up to the graceful timeout); the app's lifespan shutdown then drains the
+micro-batcher. Requests cut off by the timeout get a JSON 503 and make :func:`serve` fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,10 +38,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from abkd_deploy.errors import ConfigError
+from abkd_deploy.errors import ConfigError, ServeError
+from abkd_deploy.serve.accounting import ERROR_CODE_KEY, RequestAccounting, RequestTally
 from abkd_deploy.serve.batcher import MicroBatcher
-from abkd_deploy.serve.errors import BatchTooLarge, RequestError, Unavailable
+from abkd_deploy.serve.errors import BatchTooLarge, RequestError, RequestTimeout, Unavailable
+from abkd_deploy.serve.limits import HttpLimits, uvicorn_config
 from abkd_deploy.serve.metrics import CONTENT_TYPE, ServeMetrics
 from abkd_deploy.serve.predictor import Prediction, Predictor
 from abkd_deploy.serve.validate import as_node_ids
@@ -62,24 +74,38 @@ def _error_body(exc: Exception, code: str) -> dict[str, Any]:
     return {"error": err}
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """Reads the body, refusing more than ``limit`` bytes (413) without buffering it all."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """Reads the body, refusing more than ``limit`` bytes (413) without buffering it all,
+    and a body that has not fully arrived after ``timeout_s`` seconds (408)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise _BadRequest(f"body has {length} bytes; at most {limit} are allowed", 413, "too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _BadRequest(f"body exceeds {limit} bytes", 413, "too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _BadRequest(f"body exceeds {limit} bytes", 413, "too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout_s:g} s; closing the connection"
+        ) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
 
 def _parse(body: bytes) -> tuple[Any, bool]:
     """Parses ``{"node_ids": [...], "return_embedding": bool}``."""
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise _BadRequest(f"body is not valid JSON: {exc}", 400, "malformed_json") from None
     if not isinstance(payload, dict):
@@ -107,15 +133,20 @@ def create_app(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_ids_per_request: int | None = None,
     max_queue: int = 10_000,
+    body_timeout_s: float = HttpLimits.body_timeout_s,
+    min_batch: int = 1,
 ) -> FastAPI:
     """Builds the serving app (the batcher starts and drains with the app's lifespan).
 
     Args:
         predictor: the loaded model (an ``embedded`` export).
         max_batch: node ids per model run (default: ``min(predictor.max_batch, 1024)``).
-        max_wait_ms: how long a request waits for others to share its run.
+        max_wait_ms: the longest a request waits for others to reach ``min_batch`` ids
+            (an upper bound, not a delay: a free model runs a request at once).
         max_ids_per_request: node ids allowed in one request (default ``max_batch``).
         max_queue: requests allowed to wait; more are answered 503.
+        body_timeout_s: a request body must arrive within this time, else 408.
+        min_batch: ids worth waiting for (up to ``max_wait_ms``); 1: never wait.
 
     Raises:
         ConfigError: limits that do not fit together, or a non-``embedded`` export.
@@ -132,9 +163,14 @@ def create_app(
         raise ConfigError(
             f"max_ids_per_request must be in [1, max_batch={max_batch}], got {max_ids}"
         )
+    if not 1 <= min_batch <= max_batch:
+        raise ConfigError(f"min_batch must be in [1, max_batch={max_batch}], got {min_batch}")
+    if not body_timeout_s > 0:
+        raise ConfigError(f"body_timeout_s must be > 0 seconds, got {body_timeout_s!r}")
     max_body = 4096 + 64 * max_ids
     with_embedding = predictor.has_embedding
     metrics = ServeMetrics(info={"provider": predictor.provider, "format": predictor.format})
+    tally = RequestTally()
 
     def run_batch(ids: Any) -> Prediction:
         start = time.perf_counter()
@@ -144,7 +180,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = MicroBatcher(run_batch, max_batch, max_wait_ms, max_queue=max_queue)
+        batcher = MicroBatcher(
+            run_batch, max_batch, max_wait_ms, max_queue=max_queue, min_batch=min_batch
+        )
         app.state.batcher = batcher
         log.info("serving %r: max_batch=%d max_wait_ms=%s", predictor, max_batch, max_wait_ms)
         try:
@@ -158,13 +196,23 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.predictor = predictor
+    app.state.tally = tally
+    app.add_middleware(RequestAccounting, metrics=metrics, tally=tally)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        request.scope[ERROR_CODE_KEY] = code
+        body = {
+            "error": {"code": code, "message": f"{request.method} {request.url.path}: {exc.detail}"}
+        }
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
-        start = time.perf_counter()
-        code = None
+        headers = None
         try:
-            node_ids, want_emb = _parse(await _read_body(request, max_body))
+            node_ids, want_emb = _parse(await _read_body(request, max_body, body_timeout_s))
             if want_emb and not with_embedding:
                 raise _BadRequest("this model has no embedding output", 422, "invalid_request")
             if isinstance(node_ids, list) and len(node_ids) > max_ids:
@@ -179,15 +227,12 @@ def create_app(
                 content["embeddings"] = pred.embedding.tolist()
             status = 200
         except (RequestError, Unavailable) as exc:
-            code = exc.code
+            request.scope[ERROR_CODE_KEY] = exc.code
             status = exc.http_status
-            content = _error_body(exc, code)
-        except Exception as exc:
-            log.exception("prediction failed")
-            code, status = "internal", 500
-            content = _error_body(RuntimeError(f"internal error: {type(exc).__name__}"), code)
-        metrics.observe_request(status, time.perf_counter() - start, code)
-        return JSONResponse(content, status_code=status)
+            content = _error_body(exc, exc.code)
+            if isinstance(exc, RequestTimeout) or exc.code == "too_large":
+                headers = {"connection": "close"}  # the rest of the body may still come
+        return JSONResponse(content, status_code=status, headers=headers)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:
@@ -210,6 +255,40 @@ def create_app(
     return app
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``SO_REUSEADDR``, like uvicorn's own).
+
+    Raises:
+        ServeError: the port is in use, not ours to bind, or the address is not local.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        where = f"port {port} on {host}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(
+                f"{where} is already in use (another server is running there?); stop it or "
+                "pick another port with --port"
+            ) from None
+        if exc.errno == errno.EACCES:
+            raise ServeError(
+                f"{where}: permission denied (ports below 1024 need privileges); "
+                "pick another port with --port"
+            ) from None
+        raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
     export_dir: str | Path,
     host: str = "127.0.0.1",
@@ -220,13 +299,14 @@ def serve(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_ids: int | None = None,
     log_level: str = "info",
-    graceful_timeout_s: float = 30.0,
+    limits: HttpLimits | None = None,
 ) -> None:
     """Loads ``export_dir`` and serves it over HTTP with uvicorn until SIGTERM/SIGINT.
 
     On SIGTERM or SIGINT, uvicorn stops accepting connections, lets in-flight requests
-    finish (up to ``graceful_timeout_s``; a second SIGINT forces the exit), the batcher
-    drains, and this function returns normally (exit status 0 from the CLI).
+    finish (up to ``limits.graceful_timeout_s``; a second SIGINT forces the exit), the
+    batcher drains, and this function returns normally (exit status 0 from the CLI). If
+    the timeout cut off requests, they get a JSON 503 and this function raises.
 
     Args:
         export_dir: an ``embedded`` export directory.
@@ -238,27 +318,39 @@ def serve(
         max_wait_ms: micro-batching wait.
         max_ids: node ids per request (default ``max_batch``).
         log_level: uvicorn log level.
-        graceful_timeout_s: how long to wait for in-flight requests on shutdown.
+        limits: read timeouts, keep-alive, connection bound, graceful timeout.
+
+    Raises:
+        ServeError: the port cannot be bound (in use: one line, exit 1), or shutdown cut
+            off requests still in flight after the graceful timeout.
     """
     import uvicorn
 
+    limits = limits or HttpLimits()
     predictor = Predictor(export_dir, device=device, threads=threads, max_batch=max_batch)
-    app = create_app(predictor, max_batch, max_wait_ms, max_ids)
+    app = create_app(
+        predictor, max_batch, max_wait_ms, max_ids, body_timeout_s=limits.body_timeout_s
+    )
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the API has no authentication; expose it with care", host)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=graceful_timeout_s,
-    )
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    config = uvicorn_config(app, host, bound, limits, log_level)
     note = f" ({predictor.info()['device_note']})" if predictor.info()["device_note"] else ""
     print(f"abkd-deploy serve: {predictor.format} model on {predictor.provider}{note}", flush=True)
+    print(f"abkd-deploy serve: listening on http://{host}:{bound}", flush=True)
     server = uvicorn.Server(config)
-    with _exit_quietly_after_drain():
-        server.run()
+    try:
+        with _exit_quietly_after_drain():
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    cut = app.state.tally.cut_off
+    if cut:
+        raise ServeError(
+            f"shutdown cut off {cut} request(s) still unanswered after the "
+            f"{limits.graceful_timeout_s:g} s graceful timeout (they got 503)"
+        )
     print("abkd-deploy serve: stopped after draining in-flight requests", flush=True)
 
 

@@ -114,7 +114,7 @@ def test_arxiv_layout_loads_through_ogb(tmp_path):
 
 def test_mag_becomes_the_paper_subgraph(tmp_path):
     raw = write_tiny_mag(tmp_path)
-    data = load_dataset("ogbn-mag", root=tmp_path)
+    data = load_dataset("ogbn-mag-papers", root=tmp_path)  # "ogbn-mag" is the typed graph
     assert data.num_nodes == N and data.num_classes == 349 and data.ogb_name == "ogbn-mag"
     assert torch.equal(data.y, torch.as_tensor(raw["y"]))
     assert (data.train_mask.sum(), data.val_mask.sum(), data.test_mask.sum()) == (20, 5, 5)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch_geometric.utils import is_undirected
 
+from abkd_deploy.data.pyg_datasets import clean_edges
 from abkd_deploy.data.registry import load_dataset
 from abkd_deploy.errors import ConfigError, DatasetError
 
@@ -81,3 +86,145 @@ def test_tolokers(heterophilous_root):
             load_dataset("heterophilous:Tolokers", root=heterophilous_root, split=bad)
     with pytest.raises(ConfigError, match="Roman-empire"):
         load_dataset("heterophilous:Cornell", root=heterophilous_root)
+
+
+class _Payload:
+    """Unpickling it opens ``path`` for writing: creates a file, as a crafted file would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _copy_cora(planetoid_root: Path, dst: Path) -> Path:
+    shutil.copytree(planetoid_root / "Cora", dst / "Cora")
+    return dst
+
+
+@pytest.mark.parametrize("name", ["x", "graph"])
+def test_planetoid_raw_payload_never_runs(planetoid_root, tmp_path, name):
+    root = _copy_cora(planetoid_root, tmp_path / "data")
+    marker = tmp_path / "pwned"
+    target = root / "Cora" / "raw" / f"ind.cora.{name}"
+    target.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    with pytest.raises(DatasetError) as err:
+        load_dataset("planetoid:Cora", root=root)
+    msg = str(err.value)
+    # Names the user's file, not its mirror in the cache.
+    assert f"refusing to unpickle {target.resolve()}:" in msg and "\n" not in msg
+    assert not marker.exists()
+
+
+def test_planetoid_malformed_raw_files(planetoid_root, tmp_path):
+    root = _copy_cora(planetoid_root, tmp_path / "data")
+    raw = root / "Cora" / "raw"
+    good = (raw / "ind.cora.x").read_bytes()
+    (raw / "ind.cora.x").write_bytes(pickle.dumps({"not": "a matrix"}, protocol=2))
+    with pytest.raises(DatasetError, match=r"ind\.cora\.x: expected a 2-D array"):
+        load_dataset("planetoid:Cora", root=root)
+    (raw / "ind.cora.x").write_bytes(good)
+    (raw / "ind.cora.test.index").write_text("12\nbanana\n")
+    with pytest.raises(DatasetError, match=r"ind\.cora\.test\.index: expected one integer"):
+        load_dataset("planetoid:Cora", root=root)
+    (raw / "ind.cora.test.index").write_text("99999\n")
+    with pytest.raises(DatasetError, match=r"ind\.cora\.test\.index: ids outside"):
+        load_dataset("planetoid:Cora", root=root)
+
+
+@pytest.mark.parametrize("split", ["public", "full", "random"])
+def test_planetoid_equals_pyg_loader(planetoid_root, tmp_path, split):
+    from torch_geometric.datasets import Planetoid
+
+    ours = load_dataset("planetoid:Cora", root=planetoid_root, split=split)
+    # PyG's own loader (its full unpickler) only ever sees a copy of the trusted fixture.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ref = Planetoid(str(_copy_cora(planetoid_root, tmp_path)), "Cora", split=split)[0]
+    for key in ("x", "y", "train_mask", "val_mask", "test_mask"):
+        assert torch.equal(ours[key], ref[key]), key
+    # PyG's edges are symmetric but sorted by column; the contract sorts by row.
+    assert torch.equal(ours.edge_index, clean_edges(ref.edge_index, ref.num_nodes))
+    assert ours.edge_index.size(1) == ref.edge_index.size(1) == 10556
+
+
+def _processed(family: str, name: str) -> Path:
+    (hit,) = (Path(os.environ["ABKD_CACHE"]) / family).glob(f"*/{name}/processed")
+    return hit
+
+
+def test_poisoned_planetoid_cache_never_runs(planetoid_root, tmp_path):
+    clean = load_dataset("planetoid:Cora", root=planetoid_root)
+    processed = _processed("planetoid", "Cora")
+    marker = tmp_path / "pwned"
+    # PyG unpickles pre_transform.pt with weights_only=False on every cached load.
+    torch.save(_Payload(marker), processed / "pre_transform.pt")
+    again = load_dataset("planetoid:Cora", root=planetoid_root)
+    assert torch.equal(again.x, clean.x) and not marker.exists()
+    # PyG retries data.pt with weights_only=False when the safe load names a global.
+    torch.save(_Payload(marker), processed / "data.pt")
+    with pytest.raises(DatasetError, match=r"refusing to load dataset cache .*data\.pt") as err:
+        load_dataset("planetoid:Cora", root=planetoid_root)
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+def test_poisoned_heterophilous_cache_never_runs(heterophilous_root, tmp_path):
+    load_dataset("heterophilous:Tolokers", root=heterophilous_root)
+    processed = _processed("heterophilous", "tolokers")
+    marker = tmp_path / "pwned"
+    torch.save(_Payload(marker), processed / "pre_transform.pt")
+    load_dataset("heterophilous:Tolokers", root=heterophilous_root)
+    assert not marker.exists()
+    torch.save(_Payload(marker), processed / "data.pt")
+    with pytest.raises(DatasetError, match=r"refusing to load dataset cache .*data\.pt"):
+        load_dataset("heterophilous:Tolokers", root=heterophilous_root)
+    assert not marker.exists()
+
+
+def test_poisoned_ogb_cache_never_runs(tmp_path, monkeypatch):
+    from tests.data.test_ogb import write_tiny_arxiv
+
+    write_tiny_arxiv(tmp_path / "ogb")
+    clean = load_dataset("ogbn-arxiv", root=tmp_path / "ogb")
+    processed = _processed("ogb", "ogbn_arxiv")
+    marker = tmp_path / "pwned"
+    torch.save(_Payload(marker), processed / "pre_transform.pt")
+    again = load_dataset("ogbn-arxiv", root=tmp_path / "ogb")
+    assert torch.equal(again.x, clean.x) and not marker.exists()
+    torch.save(_Payload(marker), processed / "geometric_data_processed.pt")
+    with pytest.raises(DatasetError, match="refusing to load the ogbn-arxiv cache") as err:
+        load_dataset("ogbn-arxiv", root=tmp_path / "ogb")
+    assert "\n" not in str(err.value) and not marker.exists()
+    # Where OGB's bare torch.load() would be the full unpickler, OGB is not run at all.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ConfigError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        load_dataset("ogbn-arxiv", root=tmp_path / "ogb")
+    assert not marker.exists()
+
+
+def test_cache_writable_by_others_is_refused(planetoid_root):
+    load_dataset("planetoid:Cora", root=planetoid_root)
+    data_pt = _processed("planetoid", "Cora") / "data.pt"
+    data_pt.chmod(data_pt.stat().st_mode | 0o002)
+    old = os.umask(0o022)  # under umask 000, world-writable would be the user's own choice
+    try:
+        with pytest.raises(DatasetError, match=r"cache .*data\.pt: writable by every user"):
+            load_dataset("planetoid:Cora", root=planetoid_root)
+        os.umask(0)
+        assert load_dataset("planetoid:Cora", root=planetoid_root).num_nodes == 2708
+    finally:
+        os.umask(old)
+
+
+def test_heterophilous_object_arrays_are_never_unpickled(heterophilous_root, tmp_path):
+    raw = tmp_path / "data" / "tolokers" / "raw"
+    raw.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    with np.load(heterophilous_root / "tolokers" / "raw" / "tolokers.npz") as real:
+        arrays = dict(real)
+    arrays["node_features"] = np.array([_Payload(marker)], dtype=object)
+    np.savez(raw / "tolokers.npz", **arrays)
+    with pytest.raises(DatasetError, match=r"tolokers\.npz: .*allow_pickle=False") as err:
+        load_dataset("heterophilous:Tolokers", root=tmp_path / "data")
+    assert "\n" not in str(err.value) and not marker.exists()

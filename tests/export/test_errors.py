@@ -39,7 +39,11 @@ def test_existing_out_dir_is_kept_unless_force(gcn_run, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already exists; use --force"):
         export(gcn_run, out, formats=("torchscript",), progress=False)
+    with pytest.raises(ConfigError, match="not written by abkd-deploy"):  # --force: not ours
+        export(gcn_run, out, formats=("torchscript",), force=True, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export(gcn_run, out, formats=("onnx",), progress=False)  # an empty dir may be used
     manifest = export(gcn_run, out, formats=("torchscript",), force=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt"]
     assert manifest["artifacts"] == {"torchscript": "model.pt"}

@@ -13,7 +13,17 @@ from abkd_deploy.distill import TrainConfig, train_teacher
 from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec, distill
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.export import export
-from abkd_deploy.serve.bench import MODELS, bench, format_markdown, make_requests, write_report
+from abkd_deploy.serve.bench import (
+    MIN_SAMPLES,
+    MODELS,
+    bench,
+    format_markdown,
+    format_ratio,
+    make_requests,
+    sample_warnings,
+    write_report,
+)
+from abkd_deploy.serve.bench_worker import measure
 
 DATA = "csbm:num_nodes=500,num_features=8,num_classes=3,homophily=0.85,train_ratio=0.1"
 FAST = TrainConfig(epochs=15, patience=15, progress=False, device="cpu")
@@ -133,3 +143,72 @@ def test_make_requests_draws_from_given_ids():
     assert reqs["batch_3"].shape == (5, 3) and reqs["batch_20"].shape == (5, 20)
     assert set(reqs["batch_20"].ravel()) <= set(ids.tolist())
     assert all(len(set(row)) == 3 for row in reqs["batch_3"])  # no repeats when possible
+
+
+def test_every_percentile_reports_its_sample_count(report, tmp_path):
+    for r in report["results"]:
+        assert r["samples"] == {"per_trial": 4, "trials": 2, "total": 8}
+        assert r["trials_samples"] == [4, 4]
+    written = json.loads(write_report(report, tmp_path / "r.json")[0].read_text())
+    assert all(r["samples"]["per_trial"] == 4 for r in written["results"])
+    md = format_markdown(report)
+    assert "| samples |" in md and "| 4 x 2 (!) |" in md
+
+
+def test_few_samples_are_warned_about(report):
+    assert SMALL["requests"] < MIN_SAMPLES
+    assert len(report["warnings"]) == len(report["results"])
+    assert "--requests 4 is below 20" in report["warnings"][0]
+    assert "Warnings:" in format_markdown(report)
+
+
+def test_trial_seconds_cap_is_named_in_the_warning():
+    results = [
+        {"model": "teacher-torch", "batch_size": 64, "samples": {"per_trial": 3}},
+        {"model": "student-onnx", "batch_size": 64, "samples": {"per_trial": 20}},
+    ]
+    (warning,) = sample_warnings(results, {"requests": 20, "trial_seconds": 3.0})
+    assert warning.startswith("teacher-torch batch 64: p50/p95/p99 rest on 3 request(s)")
+    assert "--trial-seconds 3 stopped each trial after 3 of 20 requests" in warning
+
+
+def test_measure_counts_the_requests_of_each_trial():
+    import numpy as np
+
+    batches = np.zeros((30, 2), dtype=np.int64)
+    capped = measure(lambda ids: None, batches, warmup=0, trials=3, trial_seconds=0.0)
+    assert capped["trials_samples"] == [3, 3, 3]  # the time cap keeps >= 3 requests
+    full = measure(lambda ids: None, batches, warmup=0, trials=2, trial_seconds=60.0)
+    assert full["trials_samples"] == [30, 30]
+
+
+def test_markdown_heads_with_machine_threads_and_trial_settings(report):
+    header = format_markdown(report).split("| model |")[0]
+    machine = report["machine"]
+    assert machine["cpu_model"] and machine["cpu_count"] >= 1
+    assert f"- machine: {machine['cpu_model']}, {machine['cpu_count']} cores" in header
+    assert "- threads: 1 intra-op" in header
+    assert "- trials: 2 per model and batch size" in header and "4 requests each" in header
+    assert "warm-up 1" in header and "batch sizes 1, 16" in header
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(27055.8, "27,100x"), (3.4213, "3.42x"), (361.1, "361x"), (47.44, "47.4x"), (0.5, "0.5x")],
+)
+def test_ratios_have_three_significant_digits(value, text):
+    assert format_ratio(value) == text
+
+
+def test_report_ratios_are_printed_with_sensible_precision(report):
+    md = format_markdown(report)
+    ratio_lines = [line for line in md.splitlines() if "/student-onnx" in line]
+    assert ratio_lines
+    for line in ratio_lines:
+        value = line.rsplit(": ", 1)[1]
+        assert value.endswith("x"), line
+        digits = value[:-1].replace(",", "")
+        significant = digits.replace(".", "").lstrip("0")
+        if "." not in digits:
+            significant = significant.rstrip("0")
+        assert len(significant) <= 3, line

@@ -134,3 +134,25 @@ def test_bad_reports(tmp_path: Path) -> None:
         load_report(tmp_path / "bad.json")
     (tmp_path / "ok.json").write_text(json.dumps(good))
     assert load_report(tmp_path / "ok.json") == good
+
+
+def test_regression_on_few_samples_says_so() -> None:
+    base = _result("teacher-torch", 64, [10.0], [12.0], [6400])
+    cur = _result("teacher-torch", 64, [20.0], [24.0], [3200])
+    base["samples"] = {"per_trial": 25, "trials": 1, "total": 25}
+    cur["trials_samples"] = [3]  # the current run was capped by --trial-seconds
+    regs = compare_reports(_report(base), _report(cur), 0.15)
+    assert {r.samples for r in regs} == {3}
+    msg = format_regressions(regs, 0.15)
+    assert msg.count("only 3 requests per trial: noisy") == len(regs) == 3
+
+
+def test_regression_on_enough_samples_has_no_note() -> None:
+    base = _result("student-onnx", 1, [1.0], [1.2], [1000])
+    cur = _result("student-onnx", 1, [2.0], [2.4], [500])
+    base["requests_per_trial"] = cur["requests_per_trial"] = 50
+    regs = compare_reports(_report(base), _report(cur), 0.15)
+    assert regs and all(r.samples == 50 for r in regs)
+    assert "noisy" not in format_regressions(regs, 0.15)
+    old = _report(_result("m", 1, [1.0], [1.0], [1.0]))  # a report without sample counts
+    assert {c.samples for c in compare_all(old, copy.deepcopy(old), 0.15)} == {None}

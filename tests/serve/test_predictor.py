@@ -144,7 +144,7 @@ def _edit_manifest(export_dir: Path, **changes) -> None:
         ({"files": {"../model.onnx": {"sha256": "0"}, "model.onnx": {"sha256": "0"}}}, "relative"),
         ({"adjacency": {"format": "csr"}}, "adjacency.format"),
         ({"graph": {"num_nodes": 0, "num_classes": 4}}, "num_nodes"),
-        ({"inputs": [{"name": "ids"}]}, "lists inputs"),
+        ({"inputs": [{"name": "ids"}]}, r"inputs\[0\].name='ids' but the copy inside model.onnx"),
     ],
 )
 def test_bad_manifest(export_copy: Path, changes: dict, match: str) -> None:
@@ -267,3 +267,56 @@ def test_run_raw_ell(ell_predictor) -> None:
         p.run({"x": x[:, :4], "nbr_1": nbr, "weight_1": weight})
     with pytest.raises(InvalidInput, match="onnxruntime rejected"):
         p.run({"x": x, "nbr_1": nbr, "weight_1": weight[:3]})
+
+
+# ---------------------------------------------------------------- manifest vs model
+
+
+def _rewrite_model(export_dir: Path, manifest_changes: dict, metadata: bool = True) -> None:
+    """Edits manifest.json AND the copy inside model.onnx alike (hashes updated): a
+    consistent forgery that only the model's own table sizes can catch."""
+    import onnx
+
+    from tests.serve.tiny_export import embed_metadata
+
+    m = json.loads((export_dir / "manifest.json").read_text())
+    m.update(manifest_changes)
+    model = onnx.load(export_dir / "model.onnx")
+    if metadata:
+        embed_metadata(model, {k: v for k, v in m.items() if k != "files"})
+    else:
+        del model.metadata_props[:]
+    onnx.save(model, export_dir / "model.onnx")
+    path = export_dir / "model.onnx"
+    m["files"] = {"model.onnx": {"sha256": _sha(path), "bytes": path.stat().st_size}}
+    (export_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def test_raised_num_nodes_in_manifest_is_refused(export_copy: Path) -> None:
+    _edit_manifest(export_copy, graph={"num_nodes": 600, "num_features": 8, "num_classes": 4})
+    with pytest.raises(ArtifactError) as info:
+        Predictor(export_copy, device="cpu")
+    msg = str(info.value)
+    assert "graph.num_nodes=600" in msg and "says 500" in msg and "\n" not in msg
+
+
+def test_forged_metadata_is_caught_by_the_table_size(export_copy: Path) -> None:
+    _rewrite_model(export_copy, {"graph": {"num_nodes": 600, "num_features": 8, "num_classes": 4}})
+    with pytest.raises(ArtifactError, match="table 'features' in model.onnx has 500 rows"):
+        Predictor(export_copy, device="cpu")
+
+
+def test_model_without_metadata_is_refused(export_copy: Path) -> None:
+    _rewrite_model(export_copy, {}, metadata=False)
+    with pytest.raises(ArtifactError, match="carries no 'abkd_manifest' metadata"):
+        Predictor(export_copy, device="cpu")
+
+
+def test_every_accepted_id_is_in_the_model_table(embedded_dir: Path, tiny) -> None:
+    """The largest id the validator accepts runs; the next one is a 422-class error."""
+    predictor = Predictor(embedded_dir, device="cpu")
+    rows = tiny.features.shape[0]
+    assert predictor.num_nodes == rows
+    assert len(predictor.predict([rows - 1])) == 1
+    with pytest.raises(InvalidNodeIds):
+        predictor.predict([rows])

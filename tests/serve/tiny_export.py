@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from abkd_deploy.manifest import METADATA_KEY
+
 OPSET = 18
 
 
@@ -103,6 +105,13 @@ def ell_onnx(w: np.ndarray) -> onnx.ModelProto:
     return _model(graph)
 
 
+def embed_metadata(model: onnx.ModelProto, manifest: dict) -> None:
+    """Stores ``manifest`` (without ``files``) in ``metadata_props``, as export does."""
+    del model.metadata_props[:]
+    prop = model.metadata_props.add()
+    prop.key, prop.value = METADATA_KEY, json.dumps(manifest)
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -112,7 +121,6 @@ def write_export(
 ) -> Path:
     """Writes ``model.onnx`` and a format_version 1 ``manifest.json`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, out / "model.onnx")
 
     def spec(v: onnx.ValueInfoProto) -> dict:
         t = v.type.tensor_type
@@ -134,12 +142,14 @@ def write_export(
         "inputs": [spec(v) for v in model.graph.input],
         "outputs": [spec(v) for v in model.graph.output],
         "artifacts": {"onnx": "model.onnx"},
-        "files": {
-            "model.onnx": {
-                "sha256": _sha(out / "model.onnx"),
-                "bytes": (out / "model.onnx").stat().st_size,
-            }
-        },
+    }
+    embed_metadata(model, manifest)
+    onnx.save(model, out / "model.onnx")
+    manifest["files"] = {
+        "model.onnx": {
+            "sha256": _sha(out / "model.onnx"),
+            "bytes": (out / "model.onnx").stat().st_size,
+        }
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out

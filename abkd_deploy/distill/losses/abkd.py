@@ -12,13 +12,21 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from abkd_deploy.errors import ConfigError
 
+from .abkd_attention import (
+    anchor_distance,
+    softmax_entropy_floor,
+    standardize_rows,
+    task_alignment,
+    task_gradients,
+)
 from .base import KDBatch, LayerDims, LossTerm, register_loss
 from .dissimilarity import similarity_dissimilarity, unit_feature_dissimilarity, unit_rows
-from .options import as_choice, as_int
+from .options import as_choice, as_float, as_int
 
 DISSIMILARITIES = ("feature", "similarity")
 #: Node sample of the ``similarity`` form when ``kd_nodes`` is not given (its cost is n^2).
@@ -35,8 +43,18 @@ LARGE_BATCH_NODES = 4096
 #: side is recomputed on the node sample every step.
 TEACHER_CACHE_BYTES = 512 * 2**20
 #: ``learned`` (the spec) or ``uniform`` (ablation: A = 1 / L_T, no attention parameters
-#: used); see docs/DESIGN_NOTES.md on why the learned rows collapse onto one layer.
-ATTENTION_CHOICES = ("learned", "uniform")
+#: used); see docs/DESIGN_NOTES.md on why the learned rows collapse onto one layer. The
+#: variants of issue 15 (docs/benchmarks/abkd-attention.md, :mod:`.abkd_attention`):
+#: ``align`` (query/key attention trained on the task-gradient alignment of each pair, not
+#: on L_att), ``entropy`` (the spec's attention with a row-entropy floor), ``prior``
+#: (``A = softmax(b - z(D) / T)``: D detached, a learned prior ``b`` over teacher layers
+#: trained on the task-gradient alignment).
+ATTENTION_CHOICES = ("learned", "uniform", "align", "entropy", "prior")
+#: Attentions whose parameters are trained on the task-gradient alignment.
+ALIGNED_ATTENTIONS = ("align", "prior")
+#: Entropy floor of ``attention=entropy`` when ``entropy_floor`` is not given (a fraction
+#: of ``log L_T``).
+DEFAULT_ENTROPY_FLOOR = 0.5
 #: Which student layers take part by default (see :class:`AttentionKDTerm`).
 STUDENT_LAYER_CHOICES = ("all", "hidden")
 
@@ -111,7 +129,19 @@ class AttentionKDTerm(LossTerm):
         detach_summaries: Detach ``s_j`` before the queries (default False: the spec's
             gradient path through the attention into the student is kept).
         attention: ``learned`` (default, the spec) or ``uniform`` (every teacher layer
-            weighted ``1 / L_T``; an ablation of the attention itself).
+            weighted ``1 / L_T``; an ablation of the attention itself), or one of the
+            variants of issue 15: ``align``, ``entropy``, ``prior`` (see
+            :data:`ATTENTION_CHOICES`). With ``align`` and ``prior`` the student gets L_att
+            through ``D`` only (``A`` is detached in its path) and the attention parameters
+            get ``-mean_j sum_i A[j, i] z_i(c[j, i])`` instead, ``c`` the task-gradient
+            alignment (:func:`.abkd_attention.task_alignment`, ``z``: row z-scores).
+        entropy_floor: Keep every row's entropy >= ``entropy_floor * log L_T`` by raising
+            its softmax temperature (:func:`.abkd_attention.softmax_entropy_floor`), in
+            ``[0, 1)``. Default: 0.5 for ``attention=entropy``, else 0 (off).
+        prior_temperature: ``T`` of ``attention=prior`` (default 1, on z-scores of D).
+        teacher_anchor: Weight of ``mean_i || norm(H_T^i) - norm(H_T^i at the first call)
+            ||^2`` added to the loss when the teacher carries gradients (joint mode), to keep
+            it near its frozen self (default 0: off).
 
     Raises:
         ConfigError: Unknown or out-of-range options.
@@ -129,12 +159,24 @@ class AttentionKDTerm(LossTerm):
         student_layers: Any = "all",
         detach_summaries: bool = False,
         attention: str = "learned",
+        entropy_floor: float | None = None,
+        prior_temperature: float = 1.0,
+        teacher_anchor: float = 0.0,
         **unknown: Any,
     ) -> None:
         super().__init__(dims, **unknown)
         self.dissimilarity = as_choice(self.name, "dissimilarity", dissimilarity, DISSIMILARITIES)
         self.detach_summaries = _as_bool(self.name, "detach_summaries", detach_summaries)
         self.attention_mode = as_choice(self.name, "attention", attention, ATTENTION_CHOICES)
+        if entropy_floor is None:
+            entropy_floor = DEFAULT_ENTROPY_FLOOR if self.attention_mode == "entropy" else 0.0
+        self.entropy_floor = as_float(self.name, "entropy_floor", entropy_floor, low=0.0)
+        if self.entropy_floor >= 1.0:
+            raise ConfigError(f"{self.name}: option entropy_floor={entropy_floor!r} must be < 1")
+        self.prior_temperature = as_float(
+            self.name, "prior_temperature", prior_temperature, low=0.0, strict=True
+        )
+        self.teacher_anchor = as_float(self.name, "teacher_anchor", teacher_anchor, low=0.0)
         self.student_layers = _student_layers(self.name, student_layers, len(dims.student))
         s_dims = [dims.student[j] for j in self.student_layers]
         self.d_k = as_int(self.name, "d_k", d_k)
@@ -165,6 +207,10 @@ class AttentionKDTerm(LossTerm):
         self.query = nn.ModuleList(nn.Linear(d, self.d_k, bias=False) for d in s_dims)
         self.key = nn.ModuleList(nn.Linear(d, self.d_k, bias=False) for d in dims.teacher)
         self.position = nn.Parameter(torch.randn(len(dims.teacher), self.d_k) * 0.02)
+        if self.attention_mode == "prior":  # logits of the prior over teacher layers
+            self.prior = nn.Parameter(torch.zeros(len(s_dims), len(dims.teacher)))
+        self._anchor: list[Tensor] | None = None
+        self._alignment: Tensor | None = None
         self.sampler = torch.Generator().manual_seed(self.seed)
         self._attention: Tensor | None = None
         self._dissimilarity: Tensor | None = None
@@ -225,63 +271,110 @@ class AttentionKDTerm(LossTerm):
             raise RuntimeError("abkd: last_dissimilarity() needs a forward pass first")
         return self._dissimilarity
 
+    def last_alignment(self) -> Tensor | None:
+        """The ``[L_S, L_T]`` task-gradient alignment ``c`` of the last forward (``align``
+        and ``prior`` only; ``None`` before, or when no gradient could be taken)."""
+        return self._alignment
+
     def attention_weights(
         self,
         student: list[Tensor],
         teacher: list[Tensor],
         teacher_means: list[Tensor] | None = None,
+        dissimilarity: Tensor | None = None,
     ) -> Tensor:
         """``A = softmax_i(q_j . k_i / sqrt(d_k))`` from ``[n, d]`` hiddens; ``[L_S, L_T]``.
 
         ``student`` holds the participating student layers only. With
-        ``detach_summaries`` the summaries ``s_j`` are detached (A still trains ``W_q``,
-        ``W_k`` and ``e``, but L_att reaches the student only through ``D``).
+        ``detach_summaries`` (and always for ``align``) the summaries ``s_j`` are detached
+        (A still trains ``W_q``, ``W_k`` and ``e``, but L_att reaches the student only
+        through ``D``). ``attention=prior`` needs ``dissimilarity`` (``D``, ``[L_S, L_T]``)
+        and returns ``softmax_i(b[j, i] - z_i(D[j, i]) / T)`` with ``D`` detached.
+        A positive ``entropy_floor`` raises each row's temperature as needed.
         """
         if self.attention_mode == "uniform":
             n_t = len(self.key)
             return torch.full((len(student), n_t), 1.0 / n_t, device=student[0].device)
-        if self.detach_summaries:
+        if self.attention_mode == "prior":
+            if dissimilarity is None:
+                raise ValueError("abkd: attention=prior needs the dissimilarity D")
+            z = standardize_rows(dissimilarity.detach())
+            return softmax_entropy_floor(
+                self.prior - z / self.prior_temperature, self.entropy_floor
+            )
+        if self.detach_summaries or self.attention_mode == "align":
             student = [h.detach() for h in student]
         q = torch.stack([w(h.mean(dim=0)) for w, h in zip(self.query, student, strict=True)])
         if teacher_means is None:
             teacher_means = [h.mean(dim=0) for h in teacher]
         k = torch.stack([w(t) for w, t in zip(self.key, teacher_means, strict=True)])
         k = k + self.position
-        return torch.softmax(q @ k.T / math.sqrt(self.d_k), dim=-1)
+        return softmax_entropy_floor(q @ k.T / math.sqrt(self.d_k), self.entropy_floor)
 
     def forward(self, batch: KDBatch) -> Tensor:
         """Args: batch with ``student_hiddens`` (``L_S`` x ``[n, d_S^j]``) and
         ``teacher_hiddens`` (``L_T`` x ``[n, d_T^i]``).
 
         Returns:
-            Scalar ``L_att``.
+            Scalar ``L_att`` (plus ``teacher_anchor`` times the anchor distance in joint
+            mode). For ``align``/``prior`` its value is ``L_att`` and its gradient on the
+            attention parameters that of the alignment loss (see the class).
         """
         self.check_hiddens(batch)
-        student = [batch.student_hiddens[j] for j in self.student_layers]
+        full = [batch.student_hiddens[j] for j in self.student_layers]
         teacher = batch.teacher_hiddens
         cache = self._teacher_cache(teacher)
-        attn = self.attention_weights(student, teacher, cache["means"] if cache else None)
         n = batch.num_nodes
         idx = None
         small = self.auto_sample and n <= LARGE_BATCH_NODES
         if 0 < self.kd_nodes < n and not small:
             idx = torch.randperm(n, generator=self.sampler)[: self.kd_nodes]
-            idx = idx.to(student[0].device)
-            student = [h[idx] for h in student]
+            idx = idx.to(full[0].device)
+        student = full if idx is None else [h[idx] for h in full]
         if self.dissimilarity == "feature":
-            a_s = unit_rows([p(h) for p, h in zip(self.regressors, student, strict=True)])
             if cache is not None:
                 unit_t = cache["unit"] if idx is None else cache["unit"].index_select(1, idx)
             else:
                 rows = teacher if idx is None else [h[idx] for h in teacher]
                 unit_t = unit_rows(self._map_teacher(rows))
-            dis = unit_feature_dissimilarity(a_s, unit_t.to(a_s.dtype))
+
+            def dis_of(*hs: Tensor) -> Tensor:
+                a_s = unit_rows([p(h) for p, h in zip(self.regressors, hs, strict=True)])
+                return unit_feature_dissimilarity(a_s, unit_t.to(a_s.dtype))
         else:
             rows = teacher if idx is None else [h[idx] for h in teacher]
-            dis = similarity_dissimilarity(student, rows)
+
+            def dis_of(*hs: Tensor) -> Tensor:
+                return similarity_dissimilarity(list(hs), rows)
+
+        dis = dis_of(*student)
+        means = cache["means"] if cache else None
+        attn = self.attention_weights(full, teacher, means, dis)
         self._attention = attn.detach()
         self._dissimilarity = dis.detach()
-        return (attn * dis).sum(dim=1).mean()
+        if self.attention_mode not in ALIGNED_ATTENTIONS:
+            loss = (attn * dis).sum(dim=1).mean()
+        else:
+            loss = (attn.detach() * dis).sum(dim=1).mean()
+            grads = task_gradients(batch, full)
+            if grads is not None:
+                grads = grads if idx is None else [g[idx] for g in grads]
+                self._alignment = task_alignment(dis_of, student, grads)
+                att_loss = -(attn * standardize_rows(self._alignment)).sum(dim=1).mean()
+                loss = loss + (att_loss - att_loss.detach())  # value L_att, gradient on A
+        if self.teacher_anchor > 0 and any(h.requires_grad for h in teacher):
+            loss = loss + self.teacher_anchor * self._anchor_distance(teacher)
+        return loss
+
+    def _anchor_distance(self, teacher: list[Tensor]) -> Tensor:
+        """Distance of the teacher's unit rows from their snapshot at the first call (taken
+        again when the node rows change)."""
+        ref = self._anchor
+        if ref is None or [r.shape[0] for r in ref] != [h.shape[0] for h in teacher]:
+            with torch.no_grad():
+                ref = [F.normalize(h.detach().float(), dim=-1) for h in teacher]
+            self._anchor = ref
+        return anchor_distance(teacher, ref)
 
 
 def _as_bool(term: str, key: str, value: Any) -> bool:
