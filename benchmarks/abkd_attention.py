@@ -59,9 +59,12 @@ def _save(path: Path, results: dict[str, Any]) -> None:
 
 def run(a: argparse.Namespace) -> None:
     """Runs every (seed, variant) not yet in ``a.results``, saving after each."""
+    import torch
+
     from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec, distill
     from abkd_deploy.distill.trainer import TrainConfig
 
+    torch.set_num_threads(a.threads)  # 1 thread: far faster on a shared, loaded CPU
     path = Path(a.results)
     results = _load(path)
     results.setdefault("config", {}).update(
@@ -284,6 +287,7 @@ def main() -> None:
     r.add_argument("--alpha", type=float, default=0.7)
     r.add_argument("--tau", type=float, default=4.0)
     r.add_argument("--beta", type=float, default=1.0)
+    r.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     r.add_argument("--results", required=True, help="JSON file (created or resumed)")
     r.set_defaults(func=run)
     s = sub.add_parser("report", help="tables, paired tests and plots")

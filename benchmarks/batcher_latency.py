@@ -9,9 +9,9 @@ runs that alternate between the versions:
   (asyncio, as the server calls it) and ``predict`` (blocking threads);
 * concurrency 32: closed-loop asyncio clients, requests/s and mean ids per model run.
 
-Usage (the old batcher reconstructed from git)::
+Usage (the fixed-delay batcher it replaced, b258809, reconstructed from git)::
 
-    git show HEAD:abkd_deploy/serve/batcher.py > /tmp/old_batcher.py
+    git show b258809:abkd_deploy/serve/batcher.py > /tmp/old_batcher.py
     nice -n 10 python benchmarks/batcher_latency.py --old /tmp/old_batcher.py
 """
 
@@ -154,7 +154,7 @@ def main() -> None:
         versions["old"] = lambda: old(model, args.max_batch, args.max_wait_ms)
         versions["old_wait0"] = lambda: old(model, args.max_batch, 0.0)
     model_call = []
-    for _ in range(200):
+    for _ in range(args.requests):
         t = time.perf_counter()
         model(np.arange(args.ids))
         model_call.append(time.perf_counter() - t)
@@ -164,7 +164,8 @@ def main() -> None:
             runs[name].append(measure(make, model, args))
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "old"},
-        "model_call_p50_us": statistics.median(model_call) * 1e6,
+        # the model alone, called in a loop: the floor (and this machine's tail) for both
+        "model_call": {k: round(v, 1) for k, v in _pcts(model_call).items()},
         "python": sys.version.split()[0],
     }
     for name, results in runs.items():

@@ -192,3 +192,21 @@ def test_piped_output_has_no_carriage_returns_and_ends_with_results(tmp_path):
     assert "\r" not in exported.output
     (summary,) = exported.stdout.splitlines()  # printed once
     assert summary.startswith("exported gcn student (embedded") and "onnx " in summary
+
+
+def test_readme_main_command_is_one_line_the_cli_accepts():
+    """The README's main job must stay runnable: one line, every abkd-deploy step parses."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- main-command -->", 1)[1].split("```bash\n", 1)[1]
+    lines = block.split("```", 1)[0].strip().splitlines()
+    assert len(lines) == 1
+    steps = [shlex.split(step) for step in lines[0].split("&&")]
+    commands = [step[1:] for step in steps if step[0] == "abkd-deploy"]
+    assert [c[0] for c in commands] == ["distill", "export", "bench"]
+    for name, *args in commands:
+        command = main.get_command(None, name)
+        ctx = command.make_context(name, list(args))  # raises on an unknown option
+        assert ctx.params["out"] if "out" in ctx.params else ctx.params["out_dir"]

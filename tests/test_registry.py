@@ -65,7 +65,7 @@ def test_check_name_suggests_the_closest_name():
         check_name("architecture", "gcnn", names.ARCHITECTURES)
     msg = str(info.value)
     assert msg.startswith("unknown architecture 'gcnn'; did you mean 'gcn'? expected one of: ")
-    assert "gat, gcn, gcnii, mlp, sage" in msg
+    assert msg.endswith(", ".join(sorted(names.ARCHITECTURES)))
     assert info.value.exit_code == 2
 
 

@@ -1,6 +1,6 @@
 """Typed graphs in OGB's raw heterogeneous layout: ``ogb-hetero:<dir>`` and ``ogbn-mag``.
 
-Layout (what ``ogb.io.read_graph_raw.read_csv_heterograph_raw`` reads; DESIGN.md 8)::
+Layout (what ``ogb.io.read_graph_raw.read_csv_heterograph_raw`` reads)::
 
     DIR/raw/num-node-dict.csv.gz                  header = node types, one row of counts
     DIR/raw/triplet-type-list.csv.gz              no header: head,rel,tail per line

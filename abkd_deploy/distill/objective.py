@@ -8,11 +8,11 @@ the raw value of every term::
     total, values = objective(batch)   # values: {"ce": 0.9, "kd": 0.4, "abkd": 0.7}
 
 Terms other than ``ce`` and ``kd`` are auxiliary: they can be normalised (a scale fixed at
-the first training call so that their magnitude equals the ``kd`` term's, DESIGN.md
-section 4 "the scale of L_att against the KD term decides the outcome") and warmed up
-(weight ramped from 0 to ``beta`` over ``warmup_epochs``). ``objective.parameters()`` are
-the distillation-only parameters (regressors, heads, attention): they are trained with the
-student but are no part of it.
+the first training call so that their magnitude equals the ``kd`` term's: the scale of
+L_att against the KD term decides the outcome) and warmed up (weight ramped from 0 to
+``beta`` over ``warmup_epochs``); docs/ARCHITECTURE.md section 6. ``objective.parameters()``
+are the distillation-only parameters (regressors, heads, attention): they are trained with
+the student but are no part of it.
 """
 
 from __future__ import annotations
@@ -38,19 +38,7 @@ METHODS: Registry[Preset] = Registry("KD method")
 #: Smallest magnitude trusted for normalisation.
 _EPS = 1e-12
 #: Warm-up (epochs) used when ``warmup_epochs`` is None: 20 when ``abkd`` is a term, else 0.
-#: Why ABKD needs one: its per-node L2 normalisation makes the L_att gradient scale as
-#: ``1 / ||a_S(v)||``; an untrained student's node representations are tiny (Cora, 2-layer
-#: GCN hidden 4: mean norm 0.04, some ~1e-7), so at step 0 the L_att gradient on the student
-#: was ~10^11 times the CE/KD gradient (still ~20x at step 1). Adam's first steps then
-#: follow L_att alone: its second-moment estimate remembers the spike (the first layer
-#: barely moves for hundreds of epochs), and the student's ReLU units die (an all-zero row
-#: has D = 1, less than the ~2 of a random direction; with the gradient bounded by a norm
-#: floor, 79% of the hidden rows were dead after one step). CE stayed at 1.3-1.9 and the
-#: validation accuracy of 3 seeds was 18-67%.
-#: With the weight ramped from 0 the student first learns from CE/KD, its representations
-#: grow to norm ~0.5-1, and L_att then acts at a scale comparable to KD. Chosen on the
-#: Cora validation split (docs/benchmarks/distill.md): no warm-up 43.9% (3 seeds),
-#: 20 epochs 79.5%, KD alone 77.9%.
+#: Why ABKD needs one, and how 20 was chosen: docs/ARCHITECTURE.md section 9.1.
 DEFAULT_ABKD_WARMUP = 20
 
 

@@ -54,7 +54,7 @@ class TeacherSpec:
 
 @dataclass
 class KDSpec:
-    """Distillation method and its hyper-parameters (see DESIGN.md section 4)."""
+    """Distillation method and its hyper-parameters (docs/ARCHITECTURE.md section 6)."""
 
     method: str = "abkd"
     alpha: float = 0.7

@@ -12,7 +12,8 @@ its tensor inputs (or buffers), so tracing sees only tensor ops:
   gathered as a tree and reduced with :class:`~abkd_deploy.data.ell.TreeBlock`.
 * :class:`CooStudent` (``coo``): ``x``, ``edge_index`` -> logits; degrees and the
   normalisation are computed inside with ``scatter_add`` (ONNX ScatterElements with
-  ``reduction="add"``, opset >= 18; never ``index_add``, see docs/FACTS).
+  ``reduction="add"``, opset >= 18; never ``index_add``, see docs/ARCHITECTURE.md
+  section 9.4).
 
 The exact wire contract (names, shapes, dtypes) is docs/FORMATS.md.
 """

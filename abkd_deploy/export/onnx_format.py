@@ -2,8 +2,8 @@
 
 Why the dynamo exporter: it is torch's default and maintained path; the TorchScript
 exporter (``dynamo=False``) is deprecated, and at opset < 16 it silently writes
-ScatterElements without reduction (docs/FACTS). Both produce the same gather-only
-graphs for ``ell``/``embedded``; dynamo names the dynamic dims after the ``Dim`` s
+ScatterElements without reduction (docs/ARCHITECTURE.md section 9.4). Both produce the
+same gather-only graphs for ``ell``/``embedded``; dynamo names the dynamic dims after the ``Dim`` s
 (``n0``, ``batch``, ...), which the manifest uses too.
 
 Weights larger than :data:`EXTERNAL_DATA_BYTES` go to ``model.onnx.data`` (ONNX

@@ -3,10 +3,10 @@
 TorchScript is deprecated (every ``torch.jit`` call warns so); it is offered for
 runtimes that still load ``.pt`` files (LibTorch C++). We *trace* rather than script:
 ``jit.script`` of the GCN student saves but fails to load and GAT fails to script
-(docs/FACTS), while the export-form modules are straight-line tensor code whose sizes
-trace as symbolic ``aten::size`` values, so one trace serves every input size. That
-claim is checked, not assumed: the loaded file is validated on other sizes than the
-traced one like every other artifact.
+(docs/ARCHITECTURE.md section 9.4), while the export-form modules are straight-line
+tensor code whose sizes trace as symbolic ``aten::size`` values, so one trace serves
+every input size. That claim is checked, not assumed: the loaded file is validated on
+other sizes than the traced one like every other artifact.
 """
 
 from __future__ import annotations

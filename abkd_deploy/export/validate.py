@@ -4,8 +4,8 @@ The artifact is loaded back from disk (onnxruntime with the real thread count fo
 ONNX; ``torch.jit.load`` / ``torch.export.load`` otherwise), run **twice** on every
 input set of the spec (other sizes than the traced one, duplicate ids, a batch of 1),
 and compared output by output with the float32 module. Running twice catches
-nondeterministic kernels (docs/FACTS: ScatterND(add) gave different, wrong results
-with 2 threads). Any difference above ``atol``, or a non-finite value, raises
+nondeterministic kernels (ScatterND(add) gave different, wrong results with 2 threads:
+docs/ARCHITECTURE.md section 9.4). Any difference above ``atol``, or a non-finite value, raises
 :class:`~abkd_deploy.errors.ValidationError`.
 """
 

@@ -35,7 +35,7 @@ def normalise_schema(schema: Mapping[str, Any] | None, arch: str) -> dict[str, A
     if schema is None:
         raise ConfigError(
             f"{arch} is a typed-graph architecture: it needs a typed dataset (ogbn-mag, "
-            "csbm-mag, ogb-hetero:DIR) and schema=graph.schema()"
+            "csbm-mag, ogb-hetero:DIR); from Python, pass schema=graph.schema()"
         )
     try:
         types = sorted(str(t) for t in schema["node_types"])

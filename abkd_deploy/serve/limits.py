@@ -4,15 +4,19 @@ uvicorn bounds the keep-alive idle time (``timeout_keep_alive``) and the number 
 concurrent connections (``limit_concurrency``: beyond it, requests get 503), and h11 bounds
 the header size (16 KiB). What neither bounds is the time a client may take to *send* its
 headers: a connection that sends nothing, or half a request line, stays open forever.
-:func:`bounded_h11` adds that deadline; the body read deadline is enforced by the app
-(``create_app(body_timeout_s=...)`` answers 408).
+:class:`BoundedH11Protocol` and :class:`BoundedHttpToolsProtocol` (the faster parser,
+used when httptools is installed; it also gets h11's header size bound) add that deadline;
+the body read deadline is enforced by the app (``create_app(body_timeout_s=...)`` answers
+408). uvloop is used when installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from abkd_deploy.errors import ConfigError
@@ -47,47 +51,142 @@ class HttpLimits:
             raise ConfigError(f"max_connections must be >= 1, got {self.max_connections}")
 
 
-def bounded_h11(header_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a deadline for receiving each request's headers.
+#: Largest request line + headers accepted (h11's own bound; httptools gets the same).
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def _header_timeout(config: Any) -> float:
+    return float(getattr(config, "header_timeout_s", HttpLimits.header_timeout_s))
+
+
+class _HeaderDeadline:
+    """Mixin for a uvicorn HTTP protocol: a deadline for receiving each request's headers.
 
     The deadline starts when the connection is made and again when a response is
     complete (the keep-alive wait counts towards it); it is met when the next request's
     headers are parsed (uvicorn then starts a new request cycle). A missed deadline
-    closes the connection.
+    closes the connection. The time comes from ``config.header_timeout_s``
+    (:class:`ServeConfig`), so the protocol class is importable by name in worker processes.
     """
 
-    class BoundedH11Protocol(H11Protocol):
-        _header_timer: Any = None
+    _header_timer: Any = None
+    config: Any
+    cycle: Any
+    loop: Any
+    transport: Any
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm_header_deadline()
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_header_deadline()
 
-        def on_response_complete(self) -> None:
-            self._arm_header_deadline()  # before super(): it may start a pipelined request
-            super().on_response_complete()
+    def on_response_complete(self) -> None:
+        self._arm_header_deadline()  # before super(): it may start a pipelined request
+        super().on_response_complete()  # type: ignore[misc]
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_header_deadline()
-            super().connection_lost(exc)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)  # type: ignore[misc]
 
-        def _arm_header_deadline(self) -> None:
-            self._cancel_header_deadline()
-            self._header_timer = self.loop.call_later(
-                header_timeout_s, self._header_deadline_missed, self.cycle
-            )
+    def _arm_header_deadline(self) -> None:
+        self._cancel_header_deadline()
+        self._header_timer = self.loop.call_later(
+            _header_timeout(self.config), self._header_deadline_missed, self.cycle
+        )
 
-        def _cancel_header_deadline(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _header_deadline_missed(self, cycle_when_armed: Any) -> None:
+    def _cancel_header_deadline(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            if self.cycle is cycle_when_armed and not self.transport.is_closing():
-                self.transport.close()  # no new request arrived in time
 
-    return BoundedH11Protocol
+    def _header_deadline_missed(self, cycle_when_armed: Any) -> None:
+        self._header_timer = None
+        if self.cycle is cycle_when_armed and not self.transport.is_closing():
+            self.transport.close()  # no new request arrived in time
+
+
+class BoundedH11Protocol(_HeaderDeadline, H11Protocol):
+    """uvicorn's pure-Python h11 protocol with the header deadline (h11 bounds header size)."""
+
+
+def _httptools_protocol() -> type | None:
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools not installed
+        return None
+
+    class BoundedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
+        """uvicorn's httptools (llhttp) protocol with the header deadline and h11's header
+        size bound: llhttp itself buffers headers without limit.
+
+        Bytes are counted per read while a request's headers are incomplete; a read in
+        which one request's headers end and the next one's begin (pipelining) is not
+        counted, so the bound is :data:`MAX_HEADER_BYTES` plus at most one read.
+        Oversized headers get uvicorn's own 400 and the connection is closed, as with h11.
+        """
+
+        _in_headers = True
+        _header_bytes = 0
+        _headers_ended = False
+
+        def data_received(self, data: bytes) -> None:
+            self._headers_ended = False
+            super().data_received(data)
+            if not self._in_headers or self._headers_ended:
+                self._header_bytes = 0
+                return
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self.logger.warning("request headers exceed %d bytes", MAX_HEADER_BYTES)
+                self.send_400_response("Invalid HTTP request received.")
+
+        def on_message_begin(self) -> None:
+            self._in_headers = True
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._in_headers, self._headers_ended = False, True
+            super().on_headers_complete()
+
+    BoundedHttpToolsProtocol.__module__ = __name__
+    BoundedHttpToolsProtocol.__qualname__ = "BoundedHttpToolsProtocol"
+    return BoundedHttpToolsProtocol
+
+
+#: httptools' protocol with the same bounds, or ``None`` where httptools is not installed.
+BoundedHttpToolsProtocol = _httptools_protocol()
+
+#: The HTTP parsers :func:`uvicorn_config` accepts (``auto``: httptools when installed).
+HTTP_PARSERS = ("auto", "httptools", "h11")
+
+
+def http_protocol(parser: str = "auto") -> type:
+    """The bounded uvicorn protocol class of ``parser`` (``auto``: httptools if installed).
+
+    Raises:
+        ConfigError: an unknown parser, or ``httptools`` when it is not installed.
+    """
+    if parser not in HTTP_PARSERS:
+        raise ConfigError(f"unknown HTTP parser {parser!r}; expected one of {list(HTTP_PARSERS)}")
+    if parser == "h11" or (parser == "auto" and BoundedHttpToolsProtocol is None):
+        return BoundedH11Protocol
+    if BoundedHttpToolsProtocol is None:
+        raise ConfigError("the httptools parser is not installed (pip install httptools)")
+    return BoundedHttpToolsProtocol
+
+
+def event_loop(loop: str = "auto") -> str:
+    """uvicorn's loop setting: ``uvloop`` when installed (``auto``), else ``asyncio``."""
+    if loop != "auto":
+        return loop
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
+class ServeConfig(uvicorn.Config):
+    """``uvicorn.Config`` that also carries the header deadline (picklable, for workers)."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
 
 
 def uvicorn_config(
@@ -96,19 +195,32 @@ def uvicorn_config(
     port: int = 8000,
     limits: HttpLimits | None = None,
     log_level: str = "info",
-) -> Any:
-    """The ``uvicorn.Config`` that :func:`abkd_deploy.serve.server.serve` runs ``app`` with."""
-    import uvicorn
+    http: str = "auto",
+    **kwargs: Any,
+) -> ServeConfig:
+    """The uvicorn config that :func:`abkd_deploy.serve.server.serve` runs ``app`` with.
 
+    Args:
+        app: the ASGI app, or a picklable app factory with ``factory=True``.
+        host: interface.
+        port: TCP port.
+        limits: connection bounds.
+        log_level: uvicorn log level.
+        http: ``auto`` (httptools when installed, else h11), ``httptools`` or ``h11``.
+        **kwargs: more ``uvicorn.Config`` arguments (``factory``, ``workers``).
+    """
     limits = limits or HttpLimits()
-    return uvicorn.Config(
+    return ServeConfig(
         app,
         host=host,
         port=port,
-        http=bounded_h11(limits.header_timeout_s),
+        http=http_protocol(http),
+        loop=event_loop(),
         log_level=log_level,
         access_log=False,
         timeout_keep_alive=limits.keep_alive_s,
         limit_concurrency=limits.max_connections,
         timeout_graceful_shutdown=limits.graceful_timeout_s,
+        header_timeout_s=limits.header_timeout_s,
+        **kwargs,
     )

@@ -251,12 +251,53 @@ def test_abkd_attention_shape_rows_and_detached() -> None:
     assert term.last_dissimilarity().shape == a.shape
 
 
+def unit(h: torch.Tensor) -> torch.Tensor:
+    """Rows of ``h`` divided by their L2 norm (written out, not the code under test)."""
+    return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def reference_dissimilarity(term: LossTerm, b: KDBatch) -> torch.Tensor:
+    """``D [L_S, L_T]`` from the spec, pair by pair, with the term's own weights and maps."""
+    student = [b.student_hiddens[j] for j in term.student_layers]
+    rows = []
+    for j, h_s in enumerate(student):
+        row = []
+        for i, h_t in enumerate(b.teacher_hiddens):
+            if term.dissimilarity == "feature":
+                a_s = unit(h_s @ term.regressors[j].weight.T)  # trainable P_S^j
+                a_t = unit(h_t @ term.teacher_maps()[i])  # fixed R_T^i
+                row.append(((a_s - a_t) ** 2).sum(dim=1).mean())
+            else:
+                g_s, g_t = unit(h_s) @ unit(h_s).T, unit(h_t) @ unit(h_t).T
+                row.append(((g_s - g_t) ** 2).mean())
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def reference_attention(term: LossTerm, b: KDBatch) -> torch.Tensor:
+    """``A[j, :] = softmax_i((W_q^j s_j) . (W_k^i t_i + e_i) / sqrt(d_k))`` from the spec."""
+    student = [b.student_hiddens[j] for j in term.student_layers]
+    q = [term.query[j].weight @ h.mean(dim=0) for j, h in enumerate(student)]
+    k = [
+        term.key[i].weight @ h.mean(dim=0) + term.position[i]
+        for i, h in enumerate(b.teacher_hiddens)
+    ]
+    logits = torch.stack([torch.stack([qj @ ki for ki in k]) for qj in q]) / term.d_k**0.5
+    return torch.softmax(logits, dim=1)
+
+
 @pytest.mark.parametrize("dissimilarity", ["feature", "similarity"])
 def test_abkd_loss_is_attention_weighted_mean(dissimilarity: str) -> None:
+    """L_att, A and D against a pair-by-pair reference built from the term's weights only."""
     term = build("abkd", dissimilarity=dissimilarity)
-    loss = term(make_batch())
-    expected = (term.attention() * term.last_dissimilarity()).sum(dim=1).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    b = make_batch()  # 16 rows: below every default sample size, so all rows are used
+    loss = term(b)
+    dis, attn = reference_dissimilarity(term, b), reference_attention(term, b)
+    assert dis.min() > 0.01 and (attn.max(dim=1).values < 0.99).all()  # not degenerate
+    expected = (attn * dis).sum(dim=1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(term.last_dissimilarity(), dis, atol=1e-5)
+    assert torch.allclose(term.attention(), attn, atol=1e-6)
 
 
 def test_abkd_similarity_zero_when_student_equals_teacher() -> None:
@@ -454,7 +495,8 @@ def test_abkd_uniform_attention_ablation() -> None:
     loss = term(b)
     attn = term.attention()
     assert torch.allclose(attn, torch.full_like(attn, 1 / len(DIMS.teacher)))
-    assert torch.allclose(loss, term.last_dissimilarity().mean(dim=1).mean(), atol=1e-6)
+    expected = reference_dissimilarity(term, b).mean(dim=1).mean()  # A = 1 / L_T
+    assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
     assert all(p.grad is None for p in term.query.parameters())  # attention not used
     assert any(p.grad is not None for p in term.regressors.parameters())

@@ -17,7 +17,7 @@ def data():
 
 
 def test_registry_names():
-    assert MODELS.names() == sorted(ARCHS)
+    assert MODELS.names() == sorted([*ARCHS, "rgcn", "rsage"])  # typed: tests/models/test_rgcn.py
     with pytest.raises(ConfigError, match=r"unknown architecture .gin.*gcnii"):
         build_model("gin", in_channels=3, hidden=4, out_channels=2, num_layers=2)
 

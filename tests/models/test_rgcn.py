@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_geometric.data import HeteroData
 from torch_geometric.nn import HeteroConv, RGCNConv, SAGEConv
 
 from abkd_deploy.data.graph import FullGraph
@@ -14,7 +13,7 @@ from abkd_deploy.data.typed_blocks import TypedBlock
 from abkd_deploy.data.typed_graph import TypedGraph, relation_key
 from abkd_deploy.data.typed_sampler import TypedNeighborSampler
 from abkd_deploy.errors import ConfigError
-from abkd_deploy.models import build_model
+from abkd_deploy.models import build_model, load_model, save_model
 from abkd_deploy.models.rgcn import RGCNLayer
 from abkd_deploy.models.rsage import RSAGELayer
 from abkd_deploy.models.typed import parameter_counts
@@ -180,11 +179,24 @@ def test_parameter_counts_match_the_gcrd_setting():
     assert s["params_without_embeddings"] == 11 * (f * 32 + 32 * 349) + 4 * (32 + 349)
     assert t["params"] - t["params_without_embeddings"] == 80 * 128
     ratio = t["params_without_embeddings"] / s["params_without_embeddings"]
-    assert 5.5e6 < t["params_without_embeddings"] < 5.6e6 and 165e3 < s["params_without_embeddings"]
+    assert 5.5e6 < t["params_without_embeddings"] < 5.6e6
+    assert 165e3 < s["params_without_embeddings"] < 175e3
     assert 32 < ratio < 33.5
     rebuilt = build_model(**student.config)
     rebuilt.load_state_dict(student.state_dict())
     assert parameter_counts(rebuilt) == s
+
+
+@pytest.mark.parametrize("arch", ["rgcn", "rsage"])
+def test_checkpoint_round_trip(tmp_path, arch):
+    g = load_dataset(SMALL)
+    model = build_model(arch, schema=g.schema(), hidden=8, out_channels=4, num_layers=2).eval()
+    save_model(model, tmp_path, "student")
+    loaded, meta = load_model(tmp_path, "student")
+    assert meta["model"]["schema"]["target"] == "paper" and meta["model"]["emb_dim"] == 128
+    block = TypedBlock.full_graph(g)
+    with torch.no_grad():
+        assert torch.equal(model(model.inputs(g), block)[0], loaded(loaded.inputs(g), block)[0])
 
 
 def test_typed_arch_needs_a_schema_and_homogeneous_needs_untyped_data():
@@ -209,51 +221,53 @@ def _acc(out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
     return float((out[mask].argmax(1) == y[mask]).float().mean())
 
 
+TRAIN = "csbm-mag:num_papers=1500,num_classes=5,num_features=32"
+
+
+@pytest.mark.slow
 def test_typed_training_beats_chance_and_the_homogeneous_view():
-    name = "csbm-mag:num_papers=1500,num_classes=5,num_features=32"
-    g = load_dataset(name)
+    g = load_dataset(TRAIN)
     torch.manual_seed(0)
     rgcn = build_model(
         "rgcn", schema=g.schema(), hidden=32, out_channels=5, num_layers=2, emb_dim=16
     )
-    block, inputs = TypedBlock.full_graph(g), rgcn.inputs(g)
+    block, inputs = TypedBlock.full_graph_ell(g, "max"), rgcn.inputs(g)
     _train(rgcn, lambda: rgcn(inputs, block)[0], g.y, g.train_mask, 30)
     with torch.no_grad():
         typed_acc = _acc(rgcn.eval()(inputs, block)[0], g.y, g.test_mask)
 
-    view = load_dataset(name.replace("csbm-mag", "csbm-mag-papers"))
+    view = load_dataset(TRAIN.replace("csbm-mag", "csbm-mag-papers"))
     best_homogeneous = 0.0
     for arch in ("mlp", "sage"):
         m = build_model(arch, in_channels=32, hidden=32, out_channels=5, num_layers=2)
         op = FullGraph.from_edge_index(view.edge_index, view.x.size(0), m.norm)
         _train(m, lambda m=m, op=op: m(view.x, op)[0], view.y, view.train_mask, 60)
         with torch.no_grad():
-            best_homogeneous = max(
-                best_homogeneous, _acc(m.eval()(view.x, op)[0], view.y, view.test_mask)
-            )
+            acc = _acc(m.eval()(view.x, op)[0], view.y, view.test_mask)
+        best_homogeneous = max(best_homogeneous, acc)
     assert typed_acc > 0.6  # chance: 0.2
     assert typed_acc > best_homogeneous + 0.15
 
-    # Sampled mini-batches learn too.
+
+@pytest.mark.slow
+def test_sampled_minibatch_training_learns():
+    g = load_dataset(TRAIN)
     torch.manual_seed(0)
     model = build_model(
-        "rsage", schema=g.schema(), hidden=32, out_channels=5, num_layers=2, emb_dim=16
+        "rgcn", schema=g.schema(), hidden=32, out_channels=5, num_layers=2, emb_dim=16
     )
     sampler = TypedNeighborSampler(g, [5, 5], seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
     train_ids = torch.nonzero(g.train_mask).view(-1)
-    for epoch in range(6):
+    for epoch in range(8):
         sampler.resample(epoch)
         model.train()
-        for batch in sampler.batches(
-            train_ids, 128, generator=torch.Generator().manual_seed(epoch)
-        ):
+        for batch in sampler.batches(train_ids, 90, generator=torch.Generator().manual_seed(epoch)):
             opt.zero_grad()
             out, _ = model(model.inputs(g, batch.n_id), batch.blocks)
             F.cross_entropy(out, g.y[batch.n_id["paper"][: batch.batch_size]]).backward()
             opt.step()
+    block = TypedBlock.full_graph_ell(g, "max")
     with torch.no_grad():
-        sampled_acc = _acc(
-            model.eval()(model.inputs(g), TypedBlock.full_graph(g))[0], g.y, g.test_mask
-        )
-    assert sampled_acc > 0.45
+        acc = _acc(model.eval()(model.inputs(g), block)[0], g.y, g.test_mask)
+    assert acc > 0.5  # chance: 0.2

@@ -2,7 +2,8 @@
 
 Importing this package registers every term: ``ce``, ``kd`` (Hinton et al. 2015), ``fitnet``
 (Romero et al. 2015), ``at`` (Zagoruyko & Komodakis 2017), ``lsp`` (Yang et al. 2020),
-``gcrd`` (Joshi et al. 2022) and ``abkd`` (DESIGN.md section 4; Ahluwalia et al. 2023).
+``gcrd`` (Joshi et al. 2022) and ``abkd`` (Ahluwalia et al. 2023; docs/ARCHITECTURE.md
+section 5).
 Build one with ``LOSSES.get(name)(dims, **options)``.
 """
 

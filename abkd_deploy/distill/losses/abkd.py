@@ -1,4 +1,4 @@
-"""``abkd``: attention-based multi-layer distillation, the L_att term of DESIGN.md section 4.
+"""``abkd``: attention-based multi-layer distillation, the L_att term (docs/ARCHITECTURE.md 5).
 
 Ahluwalia et al., "ABKD: Graph Neural Network Compression with Attention-Based Knowledge
 Distillation" (arXiv 2310.15938), building on the attention-weighted feature matching of
@@ -32,11 +32,8 @@ DISSIMILARITIES = ("feature", "similarity")
 #: Node sample of the ``similarity`` form when ``kd_nodes`` is not given (its cost is n^2).
 DEFAULT_SIMILARITY_NODES = 512
 #: ``feature`` form without ``kd_nodes``: batches of up to :data:`LARGE_BATCH_NODES` rows
-#: use all of them (DESIGN.md: "D is computed on a node sample when the graph is large"),
-#: larger ones a sample of :data:`DEFAULT_FEATURE_NODES`. Measured on Tolokers (4 teacher
-#: x 2 student layers, d_a = 256, KD epoch 14 ms): ABKD/KD time per epoch 2.5x with all
-#: 11,758 rows, 1.7x with 2,048, 1.35x with 1,024, the same validation score
-#: (docs/BENCHMARKS.md).
+#: use all of them, larger ones a sample of :data:`DEFAULT_FEATURE_NODES` (the measurement
+#: behind these sizes: docs/ARCHITECTURE.md section 9.2).
 DEFAULT_FEATURE_NODES = 1024
 LARGE_BATCH_NODES = 4096
 #: Largest cache of a frozen teacher's normalised features (bytes); above it the teacher
@@ -82,7 +79,7 @@ class AttentionKDTerm(LossTerm):
       teacher layer already has width ``d_a``, else a seeded random orthogonal map per layer
       (:func:`fixed_orthogonal`). They are buffers (saved, moved with the module, never
       trained): with trainable maps on both sides the dissimilarity can be zeroed by the maps
-      alone and the student learns nothing (DESIGN.md section 4).
+      alone and the student learns nothing (docs/ARCHITECTURE.md sections 5 and 9.3).
     * Student side, trainable: ``a_S^j = P_S^j(H_S^j)``, a linear map without bias (a bias
       could only add a shared offset; without it ``P_S^j = I`` reproduces ``H_S^j``).
     * Attention: ``s_j``, ``t_i`` are node means of the raw ``H_S^j``, ``H_T^i`` over all
@@ -97,7 +94,7 @@ class AttentionKDTerm(LossTerm):
     (the spec does not stop them; ``detach_summaries=True`` does), and reach ``P_S``,
     ``W_q``, ``W_k`` and ``e``.
 
-    Training dynamics (measured on Cora, docs/benchmarks/distill.md): the per-node L2
+    Training dynamics (measured on Cora, docs/ARCHITECTURE.md 9.1): the per-node L2
     normalisation makes the gradient of ``D`` scale as ``1 / ||a_S^j(v)||``, which is huge
     for an untrained student (tiny activations); without a warm-up of ``beta`` the first
     Adam steps follow L_att alone and kill the student's ReLU units. The objective
@@ -121,7 +118,7 @@ class AttentionKDTerm(LossTerm):
         kd_nodes: Rows sampled for ``D`` when the batch has more (0: all rows). Default:
             ``feature``: all rows up to 4,096, else 1,024 (:data:`LARGE_BATCH_NODES`,
             :data:`DEFAULT_FEATURE_NODES`); ``similarity``: 512
-            (the sample measured in DESIGN.md).
+            (docs/ARCHITECTURE.md section 9.2).
         seed: Seed of the fixed teacher maps and of the node sampler (default 0).
         student_layers: ``all`` (default), ``hidden`` (all but the last, i.e. not the
             logits), or student layer indices (``[0]``, ``"0,1"``, negative from the end).

@@ -1,4 +1,4 @@
-"""The two ABKD layer-pair dissimilarities (DESIGN.md section 4), for all pairs at once.
+"""The two ABKD layer-pair dissimilarities, for all pairs at once (docs/ARCHITECTURE.md 5).
 
 Both return a ``[L_S, L_T]`` matrix ``D`` whose entry ``(j, i)`` compares student layer
 ``j`` with teacher layer ``i`` on the same ``m`` node rows. They use the expansion

@@ -26,7 +26,7 @@ class LogitKDTerm(LossTerm):
 
     Args:
         dims: Layer widths (unused; logits only).
-        tau: Temperature, > 0 (default 4, the setting measured in DESIGN.md section 4).
+        tau: Temperature, > 0 (default 4; docs/ARCHITECTURE.md section 9.3).
     """
 
     def __init__(self, dims: LayerDims, *, tau: float = 4.0, **unknown: Any) -> None:
