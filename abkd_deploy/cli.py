@@ -487,7 +487,29 @@ def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) 
     type=click.FloatRange(0),
     default=2.0,
     show_default=True,
-    help="How long a request waits for others to share its model run.",
+    help="Upper bound on the extra wait for company; the model never waits when idle unless "
+    "--min-batch > 1.",
+)
+@click.option(
+    "--min-batch",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Node ids worth waiting for (up to --max-wait-ms) before a model run; 1: never wait.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Server processes on the port (each loads the model; /metrics sums all workers).",
+)
+@click.option(
+    "--http",
+    type=click.Choice(["auto", "httptools", "h11"]),
+    default="auto",
+    show_default=True,
+    help="HTTP parser (auto: httptools when installed, else h11).",
 )
 @click.option(
     "--max-ids",
@@ -532,6 +554,25 @@ def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) 
     help="On SIGTERM/SIGINT, seconds in-flight requests may still take; requests cut off "
     "get HTTP 503 and the exit status is 1.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["builtin", "ray"]),
+    default="builtin",
+    show_default=True,
+    help="builtin: this package's server; ray: a Ray Serve application (the ray extra).",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="--engine ray: model replicas, each with its own @serve.batch micro-batcher.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="--engine ray: an existing Ray cluster (default: start a local Ray instance).",
+)
 @_friendly
 def serve(
     export_dir: str,
@@ -541,17 +582,45 @@ def serve(
     threads: int | None,
     max_batch: int,
     max_wait_ms: float,
+    min_batch: int,
+    workers: int,
+    http: str,
     max_ids: int | None,
     header_timeout: float,
     body_timeout: float,
     keep_alive: float,
     max_connections: int,
     graceful_timeout: float,
+    engine: str,
+    replicas: int,
+    ray_address: str | None,
 ) -> None:
     """Serve EXPORT_DIR over HTTP: POST /v1/predict, GET /healthz, GET /metrics."""
+    from abkd_deploy.errors import ConfigError
     from abkd_deploy.serve.limits import HttpLimits
     from abkd_deploy.serve.server import serve as run_server
 
+    if engine == "ray":
+        from abkd_deploy.serve.ray_engine import serve_ray
+
+        if workers > 1:
+            raise ConfigError("--workers is for --engine builtin; with --engine ray use --replicas")
+        serve_ray(
+            export_dir,
+            replicas=replicas,
+            ray_address=ray_address,
+            host=host,
+            port=port,
+            device=device,
+            threads=threads,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_ids=max_ids,
+            limits=HttpLimits(body_timeout_s=body_timeout),
+        )
+        return
+    if replicas > 1 or ray_address:
+        raise ConfigError("--replicas and --ray-address need --engine ray")
     run_server(
         export_dir,
         host=host,
@@ -560,6 +629,9 @@ def serve(
         threads=threads,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
+        min_batch=min_batch,
+        workers=workers,
+        http=http,
         max_ids=max_ids,
         limits=HttpLimits(
             header_timeout_s=header_timeout,
@@ -671,6 +743,43 @@ def triton(export_dir: str, repo: str, **kw: Any) -> None:
     show_default=True,
     help="Tolerated relative slowdown of medians vs the baseline.",
 )
+@click.option(
+    "--http",
+    "http_on",
+    is_flag=True,
+    help="Also measure over loopback HTTP: `abkd-deploy serve` (started here) and a bare "
+    "FastAPI app answering the same bytes (the floor), with closed-loop clients.",
+)
+@click.option(
+    "--http-concurrency",
+    default="1,8,32",
+    show_default=True,
+    help="Concurrent clients (keep-alive connections) of the HTTP cells.",
+)
+@click.option(
+    "--http-batch-sizes", default="1,64", show_default=True, help="Node ids per HTTP request."
+)
+@click.option(
+    "--http-requests",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    help="Timed HTTP requests per trial and cell (all clients together).",
+)
+@click.option(
+    "--http-workers",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Server processes of serve (--workers) and of the floor app.",
+)
+@click.option(
+    "--http-client-processes",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Processes the HTTP clients are spread over.",
+)
 @_friendly
 def bench(export_dir: str, **kw: Any) -> None:
     """Latency, memory and accuracy of the student (onnxruntime, eager) vs the teacher."""
@@ -679,10 +788,20 @@ def bench(export_dir: str, **kw: Any) -> None:
     from abkd_deploy.distill.teacher import parse_int_list
     from abkd_deploy.serve.bench import bench as run_bench
     from abkd_deploy.serve.bench import format_markdown, write_report
+    from abkd_deploy.serve.bench_http import HttpOptions
 
     out, baseline, tol = kw.pop("out"), kw.pop("baseline"), kw.pop("max_regression")
     sizes = parse_int_list(kw.pop("batch_sizes"), "--batch-sizes")
-    report = run_bench(export_dir, batch_sizes=sizes, models=models, **kw)
+    http = HttpOptions(
+        concurrency=parse_int_list(kw.pop("http_concurrency"), "--http-concurrency"),
+        batch_sizes=parse_int_list(kw.pop("http_batch_sizes"), "--http-batch-sizes"),
+        requests=kw.pop("http_requests"),
+        workers=kw.pop("http_workers"),
+        client_processes=kw.pop("http_client_processes"),
+    )
+    if not kw.pop("http_on"):
+        http = None
+    report = run_bench(export_dir, batch_sizes=sizes, models=models, http=http, **kw)
     click.echo(format_markdown(report))
     if out:
         paths = write_report(report, out)

@@ -18,13 +18,16 @@ The paired test against KD uses the seeds both have: Student's paired t-test
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "align": ("abkd", {"attention": "align"}, "frozen"),
     "entropy": ("abkd", {"attention": "entropy"}, "frozen"),
     "entropy-0.8": ("abkd", {"attention": "entropy", "entropy_floor": 0.8}, "frozen"),
+    "align-every5": ("abkd", {"attention": "align", "align_every": 5}, "frozen"),
     "align-entropy": ("abkd", {"attention": "align", "entropy_floor": 0.5}, "frozen"),
     "prior": ("abkd", {"attention": "prior"}, "frozen"),
     "prior-t3": ("abkd", {"attention": "prior", "prior_temperature": 3.0}, "frozen"),
@@ -127,6 +131,60 @@ def run(a: argparse.Namespace) -> None:
         )
 
 
+def time_variants(a: argparse.Namespace) -> None:
+    """Seconds per training epoch of every variant, measured round-robin in one process
+    (``--rounds`` rounds of ``--epochs`` epochs each) so that they share the machine's
+    load; prints and writes the median per variant and its ratio to KD."""
+    import torch
+
+    from abkd_deploy.data import load_dataset
+    from abkd_deploy.distill.losses import LayerDims
+    from abkd_deploy.distill.run import KDSpec
+    from abkd_deploy.distill.trainer import TrainConfig, Trainer
+    from abkd_deploy.models import build_model, load_model
+
+    torch.set_num_threads(a.threads)
+    data = load_dataset(a.dataset, a.root, a.split)
+    teacher, _ = load_model(a.teacher, "teacher")
+    names = [v.strip() for v in a.variants.split(",") if v.strip()]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _, name in itertools.product(range(a.rounds), names):
+        method, options, mode = VARIANTS[name]
+        torch.manual_seed(0)
+        student = build_model(
+            a.student_arch,
+            in_channels=data.num_features,
+            hidden=a.student_hidden,
+            out_channels=data.num_classes,
+            num_layers=2,
+        )
+        kd = KDSpec(method=method, teacher_mode=mode, warmup_epochs=0)  # full cost each epoch
+        kd.options = dict(options)
+        objective = kd.objective(
+            LayerDims(teacher.layer_dims, student.layer_dims, data.num_classes)
+        )
+        cfg = TrainConfig(epochs=a.epochs, patience=a.epochs, progress=False, device="cpu")
+        fit = Trainer(
+            student,
+            data,
+            cfg,
+            objective=objective,
+            teacher=copy.deepcopy(teacher) if mode == "joint" else teacher,
+            teacher_mode=mode,
+        ).fit()
+        times[name].append(fit.seconds_per_epoch)
+    out = {n: {"median_s": statistics.median(t), "all_s": t} for n, t in times.items()}
+    for n in out:
+        if "kd" in out:
+            out[n]["vs_kd"] = out[n]["median_s"] / out["kd"]["median_s"]
+        print(f"{n}: {1e3 * out[n]['median_s']:.1f} ms/epoch, {out[n].get('vs_kd', 0):.2f}x KD")
+    Path(a.results).write_text(
+        json.dumps(
+            {"config": {k: v for k, v in vars(a).items() if k != "func"}, "times": out}, indent=1
+        )
+    )
+
+
 def sign_flip_p(diffs: list[float]) -> float:
     """Two-sided exact sign-flip permutation p-value of ``mean(diffs) != 0``."""
     obs = abs(statistics.fmean(diffs))
@@ -149,7 +207,9 @@ def paired(base: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
         try:
             from scipy.stats import ttest_rel
 
-            t = ttest_rel([other[s] for s in seeds], [base[s] for s in seeds])
+            with warnings.catch_warnings():  # identical differences: p is 0 or nan
+                warnings.simplefilter("ignore", RuntimeWarning)
+                t = ttest_rel([other[s] for s in seeds], [base[s] for s in seeds])
             out["p_ttest"] = float(t.pvalue) if t.pvalue == t.pvalue else 1.0
         except ImportError:  # pragma: no cover - scipy is in the venv via torch_geometric
             out["p_ttest"] = None
@@ -228,13 +288,31 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _entropy_fraction(row: list[float]) -> float:
+    """Entropy of ``row`` divided by ``log len(row)`` (1: uniform, 0: one-hot)."""
+    h = -sum(p * math.log(p) for p in row if p > 0)
+    return h / math.log(len(row)) if len(row) > 1 else 0.0
+
+
+def _seed_entropy(results: dict[str, Any], variant: str) -> list[float]:
+    """Per student layer, the mean over seeds of :func:`_entropy_fraction` of its row."""
+    mats = [r["attention"] for r in results["runs"] if r["variant"] == variant and r["attention"]]
+    return [statistics.fmean(_entropy_fraction(m[j]) for m in mats) for j in range(len(mats[0]))]
+
+
 def _p(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
 def report(a: argparse.Namespace) -> None:
     """Prints the markdown table (and writes ``--summary`` JSON, ``--plot`` PNG)."""
-    results = _load(Path(a.results))
+    results = {"runs": [], "config": _load(Path(a.results[0])).get("config", {})}
+    seen = set()
+    for path in a.results:  # several files (e.g. seeds run in parallel) are merged
+        for r in _load(Path(path))["runs"]:
+            if (r["variant"], r["seed"]) not in seen:
+                seen.add((r["variant"], r["seed"]))
+                results["runs"].append(r)
     rows = summarise(results)
     print(
         "| variant | seeds | val (%) | test (%) | val - KD (p t / p flip) | "
@@ -261,7 +339,13 @@ def report(a: argparse.Namespace) -> None:
         if m is not None:
             top = [max(row) for row in m]
             arg = [row.index(max(row)) + 1 for row in m]
-            print(f"{name}: row max {[round(t, 3) for t in top]} at teacher layer {arg}")
+            ent = [_entropy_fraction(row) for row in m]
+            print(
+                f"{name}: seed-mean A row max {[round(t, 3) for t in top]} at teacher layer "
+                f"{arg}; entropy / log L_T of the per-seed rows (mean) "
+                f"{[round(e, 3) for e in _seed_entropy(results, name)]}, of the mean "
+                f"{[round(e, 3) for e in ent]}"
+            )
     if a.summary:
         Path(a.summary).write_text(json.dumps(rows, indent=1))
     if a.plot:
@@ -290,8 +374,20 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     r.add_argument("--results", required=True, help="JSON file (created or resumed)")
     r.set_defaults(func=run)
+    t = sub.add_parser("time", help="seconds per epoch, variants round-robin")
+    for flag in ("--dataset", "--teacher", "--results"):
+        t.add_argument(flag, required=True)
+    t.add_argument("--root", default=None)
+    t.add_argument("--split", default=None)
+    t.add_argument("--student-arch", default="gcn")
+    t.add_argument("--student-hidden", type=int, default=8)
+    t.add_argument("--variants", default="kd,learned,align,entropy,prior")
+    t.add_argument("--rounds", type=int, default=5)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--threads", type=int, default=1)
+    t.set_defaults(func=time_variants)
     s = sub.add_parser("report", help="tables, paired tests and plots")
-    s.add_argument("results")
+    s.add_argument("results", nargs="+", help="results JSON file(s), merged")
     s.add_argument("--summary", default=None, help="write the table rows as JSON here")
     s.add_argument("--plot", default=None, help="PNG of the seed-mean attention matrices")
     s.add_argument("--title", default=None)

@@ -16,6 +16,8 @@ Protocol (numbers are medians, never single runs):
   it), ``student-torch-export`` (the export-form module in eager PyTorch: the very
   computation of the ONNX model, so the ratio to it is the runtime's own share) and
   ``student-onnx`` (:class:`~abkd_deploy.serve.predictor.Predictor`, the serving path).
+* ``http`` (:mod:`~abkd_deploy.serve.bench_http`, with ``--http``): ``abkd-deploy serve``
+  and a bare-app floor over loopback HTTP at several concurrency levels, after the models.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from abkd_deploy import __version__
 from abkd_deploy.errors import AbkdError, ConfigError
 from abkd_deploy.names import BENCH_MODELS
 from abkd_deploy.progress import Progress
+from abkd_deploy.serve.bench_http import HttpOptions, format_http_markdown, run_http_bench
 from abkd_deploy.serve.manifest import load_manifest
 from abkd_deploy.utils import atomic_path, write_json
 
@@ -85,6 +88,7 @@ def bench(
     threads: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    http: HttpOptions | None = None,
 ) -> dict[str, Any]:
     """Benchmarks the export in ``export_dir`` against its teacher; returns the report.
 
@@ -96,6 +100,9 @@ def bench(
         requests, warmup, trials, trial_seconds: See the module docstring.
         device: ``cpu``, ``cuda`` or ``auto`` for every model.
         threads: Intra-op threads of torch and onnxruntime (default: all cores).
+        http: Also measure over HTTP (:func:`~abkd_deploy.serve.bench_http.run_http_bench`);
+            ``models`` may then be empty, and an export whose manifest names no dataset
+            gets requests drawn from all its node ids.
     """
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
@@ -104,7 +111,7 @@ def bench(
             f"bench needs an 'embedded' export; {export_dir} is {manifest['adjacency']['format']!r}"
         )
     bad = [m for m in models if m not in MODELS]
-    if bad or not models:
+    if bad or not (models or http):
         raise ConfigError(f"unknown model(s) {bad}; expected some of {', '.join(MODELS)}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError(f"batch sizes {list(batch_sizes)}; expected positive integers")
@@ -118,7 +125,11 @@ def bench(
         raise ConfigError(
             f"no teacher checkpoint: --teacher {teacher_dir} has no teacher.safetensors"
         )
-    test_ids, labels, metric = _test_split(manifest)
+    if models or manifest.get("provenance", {}).get("dataset"):
+        test_ids, labels, metric = _test_split(manifest)
+    else:  # HTTP only, no dataset to draw from: any node of the export
+        test_ids = np.arange(int(manifest["graph"]["num_nodes"]), dtype=np.int64)
+        labels, metric = np.zeros(0, np.int64), "accuracy"
     config = {
         "export_dir": str(export_dir),
         "teacher_dir": str(teacher_dir) if teacher_dir else None,
@@ -150,7 +161,31 @@ def bench(
             outputs.append(_run_worker(spec, Path(tmp)))
             bar.update({"done": model})
         bar.close(f"{len(models)} models in {time.perf_counter() - start:.1f} s")
-    return _report(outputs, config, time.perf_counter() - start)
+    http_section = None
+    if http is not None:
+        in_process = {
+            r["batch_size"]: r["p50_ms"]
+            for o in outputs
+            if o["model"] == "student-onnx"
+            for r in o["results"]
+        }
+        http_reqs = make_requests(test_ids, http.batch_sizes, requests, seed)
+        http_section = run_http_bench(
+            export_dir,
+            {b: http_reqs[f"batch_{b}"] for b in http.batch_sizes},
+            http,
+            trials=trials,
+            warmup=warmup,
+            trial_seconds=trial_seconds,
+            device=device,
+            threads=threads,
+            in_process_p50=in_process,
+        )
+    report = _report(outputs, config, time.perf_counter() - start)
+    if http_section is not None:
+        report["http"] = http_section
+        report["warnings"] += http_section["warnings"]
+    return report
 
 
 def _run_worker(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
@@ -307,9 +342,24 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"{c.get('requests', '?')} requests each, warm-up {c.get('warmup', '?')}, a trial "
         f"stops after {c.get('trial_seconds', '?')} s (keeping >= 3 requests); "
         f"batch sizes {sizes}",
+        *_http_header(report, usable or cores),
         f"- created {report.get('created', '?')} by abkd-deploy "
         f"{(report.get('producer') or {}).get('version', '?')}",
         "",
+    ]
+
+
+def _http_header(report: dict[str, Any], cores: int | None) -> list[str]:
+    c = (report.get("http") or {}).get("config")
+    if not c:
+        return []
+    share = ""
+    if cores is not None and cores < 2 * (c["client_processes"] + c["workers"]):
+        share = f"; on {cores} cores the HTTP clients and the server compete for the CPU"
+    return [
+        f"- http: serve and floor, {c['workers']} worker(s), clients at concurrency "
+        f"{', '.join(map(str, c['concurrency']))} in {c['client_processes']} process(es)"
+        f"{share}"
     ]
 
 
@@ -338,6 +388,10 @@ def format_markdown(report: dict[str, Any]) -> str:
     if report.get("ratios"):
         lines.append("")
         lines += [f"- {k}: {format_ratio(v)}" for k, v in report["ratios"].items()]
+    if report.get("http"):
+        usable = (report.get("machine") or {}).get("usable_cores")
+        lines += ["", *format_http_markdown(report["http"], usable), ""]
+        lines += [f"- {k}: {format_ratio(v)}" for k, v in report["http"]["ratios"].items()]
     if report.get("warnings"):
         lines += ["", "Warnings:", *[f"- {w}" for w in report["warnings"]]]
     served = [
@@ -367,6 +421,9 @@ def write_report(report: dict[str, Any], path: str | Path) -> list[Path]:
     series: dict[str, dict[int, float]] = {}
     for r in report["results"]:
         series.setdefault(r["model"], {})[r["batch_size"]] = r["p50_ms"]
+    for r in (report.get("http") or {}).get("results", []):
+        if r["concurrency"] == 1:
+            series.setdefault(f"http {r['target']} (1 client)", {})[r["batch_size"]] = r["p50_ms"]
     png = plot_latency(series, path.with_suffix(".png"), "p50 latency vs batch size")
     return [path, md, png]
 

@@ -28,10 +28,12 @@ def preview(values: list[Any], limit: int = 10) -> str:
 
 def json_safe(value: Any, max_chars: int = 100) -> Any:
     """``value`` if strict JSON can carry it in at most ``max_chars`` characters, else a
-    short ``repr`` string (``NaN``/``Infinity``, long strings, big nested values), so an
-    error body that echoes client values can always be rendered."""
+    short ``repr`` string (``NaN``/``Infinity``, strings with lone surrogates, which UTF-8
+    cannot carry, long strings, big nested values), so an error body that echoes client
+    values can always be rendered."""
     try:
-        text = json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
     except (TypeError, ValueError, RecursionError):
         return _short_repr(value, max_chars)
     return value if len(text) <= max_chars else _short_repr(value, max_chars)

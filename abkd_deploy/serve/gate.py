@@ -12,6 +12,13 @@ Report contract (``abkd-deploy bench --out REPORT.json``, ``format_version`` 1):
 Compared per ``(model, batch_size)`` present in both reports: p50 and p95 latency (lower
 is better) and throughput in nodes/s (higher is better).
 
+HTTP (``bench --http``: a top-level ``"http"`` section whose ``results`` carry ``target``,
+``concurrency``, ``batch_size``, ``trials_ms`` ``{"p50", "p99"}``, ``trials_rps`` and the
+medians ``p50_ms``, ``p99_ms``, ``rps``): compared per ``(target, concurrency, batch_size)``
+in both reports, named ``http <target> c<concurrency>`` in place of the model: p50 and p99
+latency (lower is better) and requests/s (higher is better). A report without the
+section is compared on the in-process results alone.
+
 Noise handling:
 
 * **Trials.** A bench run repeats its timed measurement ``T`` times (each trial has its
@@ -71,6 +78,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("p50_ms", ("trials_ms", "p50"), False, "ms"),
     Metric("p95_ms", ("trials_ms", "p95"), False, "ms"),
     Metric("throughput_nps", ("trials_throughput_nps",), True, "nodes/s"),
+)
+#: The metrics of the ``http`` section's cells.
+HTTP_METRICS: tuple[Metric, ...] = (
+    Metric("p50_ms", ("trials_ms", "p50"), False, "ms"),
+    Metric("p99_ms", ("trials_ms", "p99"), False, "ms"),
+    Metric("rps", ("trials_rps",), True, "req/s"),
 )
 
 
@@ -144,6 +157,28 @@ def _index(report: dict[str, Any], where: str) -> dict[tuple[str, int], dict[str
     return out
 
 
+def _http_index(report: dict[str, Any], where: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """``{("http <target> c<concurrency>", batch_size): cell}`` of the ``http`` section."""
+    section = report.get("http")
+    if section is None:
+        return {}
+    cells = section.get("results") if isinstance(section, dict) else None
+    if not isinstance(cells, list):
+        raise ConfigError(f"{where}: 'http' has no 'results' list")
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for cell in cells:
+        try:
+            key = (f"http {cell['target']} c{int(cell['concurrency'])}", int(cell["batch_size"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: every http result needs 'target', 'concurrency' and 'batch_size'"
+            ) from None
+        if key in out:
+            raise ConfigError(f"{where}: duplicate http result for {key[0]} batch {key[1]}")
+        out[key] = cell
+    return out
+
+
 def metric_value(result: dict[str, Any], metric: Metric) -> float | None:
     """Median over trials of ``metric`` in one result (summary value if no trials).
 
@@ -183,15 +218,18 @@ def compare_all(
     max_regression: float = DEFAULT_MAX_REGRESSION,
     min_delta_ms: float = 0.0,
     metrics: Sequence[Metric] = METRICS,
+    http_metrics: Sequence[Metric] = HTTP_METRICS,
 ) -> list[Comparison]:
-    """Compares every metric of every ``(model, batch_size)`` the two reports share.
+    """Compares every metric of every ``(model, batch_size)`` the two reports share, and
+    of every HTTP cell they share (model ``http <target> c<concurrency>``).
 
     Args:
         baseline: the baseline report (e.g. from :func:`load_report`).
         current: the fresh report.
         max_regression: tolerated relative degradation (0.15 = 15%).
         min_delta_ms: latency changes below this many ms never count as regressions.
-        metrics: the metrics to compare.
+        metrics: the metrics of in-process results.
+        http_metrics: the metrics of HTTP cells.
 
     Raises:
         ConfigError: malformed reports, a negative tolerance, or nothing in common.
@@ -201,20 +239,23 @@ def compare_all(
     _check_report(baseline, "baseline report")
     _check_report(current, "current report")
     old_idx, new_idx = _index(baseline, "baseline report"), _index(current, "current report")
-    common = [k for k in old_idx if k in new_idx]
-    if not common:
+    old_http = _http_index(baseline, "baseline report")
+    new_http = _http_index(current, "current report")
+    pairs = [(k, old_idx[k], new_idx[k], metrics) for k in old_idx if k in new_idx]
+    pairs += [(k, old_http[k], new_http[k], http_metrics) for k in old_http if k in new_http]
+    if not pairs:
         raise ConfigError(
-            f"the reports share no (model, batch size): baseline has {sorted(old_idx)}, "
-            f"current has {sorted(new_idx)}"
+            f"the reports share no (model, batch size): baseline has "
+            f"{sorted([*old_idx, *old_http])}, current has {sorted([*new_idx, *new_http])}"
         )
     out: list[Comparison] = []
-    for model, bs in common:
-        counts = [result_samples(idx[model, bs]) for idx in (old_idx, new_idx)]
+    for (model, bs), old_res, new_res, compared in pairs:
+        counts = [result_samples(res) for res in (old_res, new_res)]
         known = [n for n in counts if n is not None]
         samples = min(known) if known else None
-        for m in metrics:
-            old = metric_value(old_idx[model, bs], m)
-            new = metric_value(new_idx[model, bs], m)
+        for m in compared:
+            old = metric_value(old_res, m)
+            new = metric_value(new_res, m)
             if old is None or new is None or old <= 0:
                 continue
             change = (new - old) / old
@@ -235,16 +276,14 @@ def compare_reports(
     max_regression: float = DEFAULT_MAX_REGRESSION,
     min_delta_ms: float = 0.0,
     metrics: Sequence[Metric] = METRICS,
+    http_metrics: Sequence[Metric] = HTTP_METRICS,
 ) -> list[Comparison]:
     """The regressions of ``current`` against ``baseline`` (empty list: the gate passes).
 
     Same arguments as :func:`compare_all`.
     """
-    return [
-        c
-        for c in compare_all(baseline, current, max_regression, min_delta_ms, metrics)
-        if c.regressed
-    ]
+    compared = compare_all(baseline, current, max_regression, min_delta_ms, metrics, http_metrics)
+    return [c for c in compared if c.regressed]
 
 
 def _fmt(v: float) -> str:

@@ -1,100 +1,64 @@
-"""Serving metrics in the Prometheus text exposition format (version 0.0.4).
+"""Serving metrics with prometheus_client, in the Prometheus text format (version 0.0.4).
 
-Hand-written (a few counters and histograms) so the serving process needs no extra
-dependency. Each app gets its own :class:`ServeMetrics`; every method is thread-safe.
+One process (``serve``): each app's :class:`ServeMetrics` has its own registry.
+
+Several workers (``serve --workers N``): :func:`multiprocess_dir` (run by the parent)
+creates a private temporary directory, points ``PROMETHEUS_MULTIPROC_DIR`` at it for the
+workers and removes it at exit. prometheus_client then keeps each worker's values in
+memory-mapped files there, and ``/metrics``, whichever worker answers, renders the sum over
+all workers (its multiprocess mode). The variable must be set before a worker imports
+prometheus_client, which the ``spawn`` start method guarantees.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import threading
-from collections.abc import Sequence
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+#: What ``generate_latest`` writes (prometheus_client's CONTENT_TYPE_LATEST may name a newer
+#: version than the text it renders).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Batch-size buckets (node ids per model run).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Latency buckets in seconds (0.25 ms .. 10 s).
 LATENCY_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
-
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
+prometheus_client.disable_created_metrics()  # no *_created series: counts only
 
 
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def is_multiprocess() -> bool:
+    """Whether this process records into a shared multiprocess directory."""
+    return bool(os.environ.get(MULTIPROC_ENV))
 
 
-class Histogram:
-    """A cumulative histogram without labels.
-
-    Args:
-        name: metric name.
-        help: one-line description.
-        buckets: increasing upper bounds (``+Inf`` is added).
-    """
-
-    def __init__(self, name: str, help: str, buckets: Sequence[float]) -> None:
-        self.name, self.help = name, help
-        self.bounds = sorted(float(b) for b in buckets)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        """Adds one observation (the caller holds the lock)."""
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self) -> list[str]:
-        """Exposition lines."""
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cum = 0
-        for bound, n in zip([*self.bounds, math.inf], self.counts):
-            cum += n
-            lines.append(f'{self.name}_bucket{{le="{_num(bound)}"}} {cum}')
-        lines += [f"{self.name}_sum {_num(self.sum)}", f"{self.name}_count {self.count}"]
-        return lines
-
-
-class Counter:
-    """A counter with zero or more labels.
-
-    Args:
-        name: metric name (ends in ``_total``).
-        help: one-line description.
-        labels: label names.
-    """
-
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
-        self.name, self.help, self.labels = name, help, tuple(labels)
-        self.values: dict[tuple[str, ...], float] = {} if self.labels else {(): 0.0}
-
-    def inc(self, *label_values: str, amount: float = 1.0) -> None:
-        """Adds ``amount`` to the series of ``label_values`` (the caller holds the lock)."""
-        key = tuple(str(v) for v in label_values)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def get(self, *label_values: str) -> float:
-        """Current value of one series (0 if never incremented)."""
-        return self.values.get(tuple(str(v) for v in label_values), 0.0)
-
-    def render(self) -> list[str]:
-        """Exposition lines."""
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        for key, n in sorted(self.values.items()):
-            pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(self.labels, key))
-            lines.append(f"{self.name}{{{pairs}}} {_num(n)}" if pairs else f"{self.name} {_num(n)}")
-        return lines
+@contextlib.contextmanager
+def multiprocess_dir() -> Iterator[str]:
+    """A fresh ``PROMETHEUS_MULTIPROC_DIR`` for the workers started inside the block
+    (created here, mode 0700, removed on exit; the previous value is restored)."""
+    path = tempfile.mkdtemp(prefix="abkd-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = path
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class ServeMetrics:
-    """The serving process's metrics.
+    """The serving process's metrics (thread-safe; summed over workers in multiprocess mode).
 
     Args:
         prefix: metric-name prefix.
@@ -102,29 +66,48 @@ class ServeMetrics:
     """
 
     def __init__(self, prefix: str = "abkd_serve", info: dict[str, str] | None = None) -> None:
-        self._lock = threading.Lock()
         self.prefix = prefix
-        self.info = dict(info or {})
+        self.info = {k: str(v) for k, v in (info or {}).items()}
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
         self.requests = Counter(
-            f"{prefix}_requests_total", "Prediction requests answered, by HTTP status.", ("code",)
-        )
+            f"{prefix}_requests", "Prediction requests answered, by HTTP status.", ["code"],
+            registry=reg,
+        )  # fmt: skip
         self.errors = Counter(
-            f"{prefix}_errors_total",
+            f"{prefix}_errors",
             "Prediction requests answered with an error, by HTTP status and reason.",
-            ("code", "reason"),
+            ["code", "reason"],
+            registry=reg,
         )
-        self.node_ids = Counter(f"{prefix}_node_ids_total", "Node ids classified.")
+        self.node_ids = Counter(f"{prefix}_node_ids", "Node ids classified.", registry=reg)
         self.batch_size = Histogram(
-            f"{prefix}_batch_size", "Node ids per model run (after micro-batching).", BATCH_BUCKETS
+            f"{prefix}_batch_size",
+            "Node ids per model run (after micro-batching).",
+            buckets=BATCH_BUCKETS,
+            registry=reg,
         )
         self.request_latency = Histogram(
             f"{prefix}_request_latency_seconds",
             "Time from request received to response ready.",
-            LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
         )
         self.inference_latency = Histogram(
-            f"{prefix}_inference_latency_seconds", "Time of one model run.", LATENCY_BUCKETS
+            f"{prefix}_inference_latency_seconds",
+            "Time of one model run.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
         )
+        if self.info:
+            gauge = Gauge(
+                f"{prefix}_info",
+                "The served model and execution provider.",
+                list(self.info),
+                registry=reg,
+                multiprocess_mode="max",
+            )
+            gauge.labels(**self.info).set(1)
 
     def observe_request(self, status: int, seconds: float, error_code: str | None = None) -> None:
         """Records one answered prediction request.
@@ -134,37 +117,21 @@ class ServeMetrics:
             seconds: time spent on it.
             error_code: machine-readable reason of a non-2xx answer (``invalid_node_ids``).
         """
-        with self._lock:
-            self.requests.inc(str(status))
-            if status >= 400:
-                self.errors.inc(str(status), error_code or "error")
-            self.request_latency.observe(seconds)
+        self.requests.labels(str(status)).inc()
+        if status >= 400:
+            self.errors.labels(str(status), error_code or "error").inc()
+        self.request_latency.observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         """Records one model run of ``size`` node ids."""
-        with self._lock:
-            self.batch_size.observe(size)
-            self.inference_latency.observe(seconds)
-            self.node_ids.inc(amount=float(size))
+        self.batch_size.observe(size)
+        self.inference_latency.observe(seconds)
+        self.node_ids.inc(size)
 
     def render(self) -> str:
-        """The whole exposition text."""
-        with self._lock:
-            lines: list[str] = []
-            if self.info:
-                labels = ",".join(f'{k}="{_escape(str(v))}"' for k, v in self.info.items())
-                lines += [
-                    f"# HELP {self.prefix}_info The served model and execution provider.",
-                    f"# TYPE {self.prefix}_info gauge",
-                    f"{self.prefix}_info{{{labels}}} 1",
-                ]
-            for metric in (
-                self.requests,
-                self.errors,
-                self.node_ids,
-                self.batch_size,
-                self.request_latency,
-                self.inference_latency,
-            ):
-                lines += metric.render()
-        return "\n".join(lines) + "\n"
+        """The whole exposition text (all workers' sum in multiprocess mode)."""
+        if is_multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry).decode()
+        return generate_latest(self.registry).decode()

@@ -2,14 +2,17 @@
 
 Endpoints:
 
-* ``POST /v1/predict`` ``{"node_ids": [...], "return_embedding": false}`` ->
-  ``{"predictions": [class per id], "scores": [[probability per class] per id]}``, plus
-  ``"embeddings"`` when asked for. Errors answer ``{"error": {"code", "message", ...}}``:
+* ``POST /v1/predict`` ``{"node_ids": [...], "return_embedding": false, "format": "full"}``
+  -> ``{"predictions": [class per id], "scores": [[probability per class] per id]}``, plus
+  ``"embeddings"`` when asked for; ``"format": "top1"`` drops the scores, and
+  ``Accept: application/octet-stream`` gets a binary body (:mod:`abkd_deploy.serve.wire`:
+  orjson parsing and encoding, float32 shortest decimals). Errors are always JSON,
+  ``{"error": {"code", "message", ...}}``:
   malformed JSON 400 (also ``NaN``/``Infinity``, which are not JSON), a body that does not
   arrive within the body timeout 408, a bad body or invalid ids 422 (``values`` lists the
   offending ids), too many ids or too large a body 413, shutting down / overloaded 503.
   Every error, including 404/405 and an internal 500, is a JSON body.
-* ``GET /healthz``: provider, model and limits.
+* ``GET /healthz``: provider, model, limits and the answering process's ``pid``.
 * ``GET /metrics``: Prometheus text (see :mod:`abkd_deploy.serve.metrics`).
 
 Metrics of ``/v1/predict`` are recorded in one place, from the status actually sent
@@ -19,6 +22,7 @@ bounded keep-alive and a bound on their number (:mod:`abkd_deploy.serve.limits`)
 Shutdown (SIGTERM/SIGINT): uvicorn stops accepting connections and waits for in-flight
 requests (up to the graceful timeout); the app's lifespan shutdown then drains the
 micro-batcher. Requests cut off by the timeout get a JSON 503 and make :func:`serve` fail.
+``workers > 1``: see :mod:`abkd_deploy.serve.workers`.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
+import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +49,23 @@ from abkd_deploy.errors import ConfigError, ServeError
 from abkd_deploy.serve.accounting import ERROR_CODE_KEY, RequestAccounting, RequestTally
 from abkd_deploy.serve.batcher import MicroBatcher
 from abkd_deploy.serve.errors import BatchTooLarge, RequestError, RequestTimeout, Unavailable
-from abkd_deploy.serve.limits import HttpLimits, uvicorn_config
+from abkd_deploy.serve.limits import HttpLimits, http_protocol, uvicorn_config
 from abkd_deploy.serve.metrics import CONTENT_TYPE, ServeMetrics
 from abkd_deploy.serve.predictor import Prediction, Predictor
-from abkd_deploy.serve.validate import as_node_ids
+from abkd_deploy.serve.wire import (
+    BINARY_TYPE,
+    JSON_TYPE,
+    BadRequest,
+    encode_binary,
+    encode_json,
+    parse_request,
+    wants_binary,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_MAX_WAIT_MS = 2.0
-_FIELDS = {"node_ids", "return_embedding"}
-
-
-class _BadRequest(RequestError):
-    """Malformed JSON (400) or a body of the wrong shape (422)."""
-
-    def __init__(self, message: str, status: int, code: str) -> None:
-        super().__init__(message)
-        self.http_status = status
-        self.code = code
 
 
 def _error_body(exc: Exception, code: str) -> dict[str, Any]:
@@ -74,19 +77,29 @@ def _error_body(exc: Exception, code: str) -> dict[str, Any]:
     return {"error": err}
 
 
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """The JSON answer to a routing error (404 ``not_found``, 405 ``method_not_allowed``)."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    request.scope[ERROR_CODE_KEY] = code
+    body = {
+        "error": {"code": code, "message": f"{request.method} {request.url.path}: {exc.detail}"}
+    }
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """Reads the body, refusing more than ``limit`` bytes (413) without buffering it all,
     and a body that has not fully arrived after ``timeout_s`` seconds (408)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise _BadRequest(f"body has {length} bytes; at most {limit} are allowed", 413, "too_large")
+        raise BadRequest(f"body has {length} bytes; at most {limit} are allowed", 413, "too_large")
 
     async def read() -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _BadRequest(f"body exceeds {limit} bytes", 413, "too_large")
+                raise BadRequest(f"body exceeds {limit} bytes", 413, "too_large")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -96,35 +109,6 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         raise RequestTimeout(
             f"the request body did not arrive within {timeout_s:g} s; closing the connection"
         ) from None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
-
-
-def _parse(body: bytes) -> tuple[Any, bool]:
-    """Parses ``{"node_ids": [...], "return_embedding": bool}``."""
-    try:
-        payload = json.loads(body, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as exc:
-        raise _BadRequest(f"body is not valid JSON: {exc}", 400, "malformed_json") from None
-    if not isinstance(payload, dict):
-        raise _BadRequest(
-            f"body must be a JSON object, got {type(payload).__name__}", 422, "invalid_request"
-        )
-    unknown = sorted(set(payload) - _FIELDS)
-    if unknown:
-        raise _BadRequest(
-            f"unknown field(s) {unknown}; expected {sorted(_FIELDS)}", 422, "invalid_request"
-        )
-    if "node_ids" not in payload:
-        raise _BadRequest("body needs 'node_ids': a list of node ids", 422, "invalid_request")
-    want_emb = payload.get("return_embedding", False)
-    if not isinstance(want_emb, bool):
-        raise _BadRequest(
-            f"return_embedding must be true or false, got {want_emb!r}", 422, "invalid_request"
-        )
-    return payload["node_ids"], want_emb
 
 
 def create_app(
@@ -199,40 +183,23 @@ def create_app(
     app.state.tally = tally
     app.add_middleware(RequestAccounting, metrics=metrics, tally=tally)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        request.scope[ERROR_CODE_KEY] = code
-        body = {
-            "error": {"code": code, "message": f"{request.method} {request.url.path}: {exc.detail}"}
-        }
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
-        headers = None
         try:
-            node_ids, want_emb = _parse(await _read_body(request, max_body, body_timeout_s))
-            if want_emb and not with_embedding:
-                raise _BadRequest("this model has no embedding output", 422, "invalid_request")
-            if isinstance(node_ids, list) and len(node_ids) > max_ids:
-                raise BatchTooLarge(len(node_ids), max_ids, what="request")
-            ids = as_node_ids(node_ids, predictor.num_nodes, max_ids)
-            pred = await request.app.state.batcher.apredict(ids)
-            content: dict[str, Any] = {
-                "predictions": pred.classes.tolist(),
-                "scores": pred.scores.tolist(),
-            }
-            if want_emb:
-                content["embeddings"] = pred.embedding.tolist()
-            status = 200
+            body = await _read_body(request, max_body, body_timeout_s)
+            req = parse_request(body, predictor.num_nodes, max_ids, with_embedding)
+            pred = await request.app.state.batcher.apredict(req.ids)
         except (RequestError, Unavailable) as exc:
             request.scope[ERROR_CODE_KEY] = exc.code
-            status = exc.http_status
-            content = _error_body(exc, exc.code)
+            headers = None
             if isinstance(exc, RequestTimeout) or exc.code == "too_large":
                 headers = {"connection": "close"}  # the rest of the body may still come
-        return JSONResponse(content, status_code=status, headers=headers)
+            return JSONResponse(_error_body(exc, exc.code), exc.http_status, headers=headers)
+        if wants_binary(request.headers.get("accept", "")):
+            return Response(encode_binary(pred, req), media_type=BINARY_TYPE)
+        return Response(encode_json(pred, req), media_type=JSON_TYPE)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:
@@ -243,7 +210,9 @@ def create_app(
             **predictor.info(),
             "max_batch": max_batch,
             "max_wait_ms": max_wait_ms,
+            "min_batch": min_batch,
             "max_ids_per_request": max_ids,
+            "pid": os.getpid(),
             "queued": batcher.queued if batcher is not None else 0,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -255,8 +224,17 @@ def create_app(
     return app
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (``SO_REUSEADDR``, like uvicorn's own).
+def bind_socket(
+    host: str, port: int, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``SO_REUSEADDR``, like uvicorn's own).
+
+    Args:
+        host: interface.
+        port: TCP port (0 picks a free one).
+        reuse_port: also ``SO_REUSEPORT``: each worker process listens on its own socket on
+            the same port and the kernel spreads new connections over them.
+        listen: start listening (``False``: only reserve the port).
 
     Raises:
         ServeError: the port is in use, not ours to bind, or the address is not local.
@@ -269,8 +247,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        sock.listen(2048)
+        if listen:
+            sock.listen(2048)
     except OSError as exc:
         sock.close()
         where = f"port {port} on {host}"
@@ -289,6 +270,88 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class AppSettings:
+    """Everything a serving process needs to load its model and build its app (picklable:
+    worker processes get a copy). Fields as in :func:`serve`."""
+
+    export_dir: str
+    device: str = "auto"
+    threads: int | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    max_ids: int | None = None
+    min_batch: int = 1
+    limits: HttpLimits = field(default_factory=HttpLimits)
+    log_level: str = "info"
+    http: str = "auto"
+
+    def build(self) -> FastAPI:
+        """Loads the model and builds the app (``app.state.predictor``)."""
+        predictor = Predictor(
+            self.export_dir, device=self.device, threads=self.threads, max_batch=self.max_batch
+        )
+        return create_app(
+            predictor,
+            self.max_batch,
+            self.max_wait_ms,
+            self.max_ids,
+            body_timeout_s=self.limits.body_timeout_s,
+            min_batch=self.min_batch,
+        )
+
+
+def model_line(app: FastAPI) -> str:
+    """``embedded model on CPUExecutionProvider`` (plus the device note, if any)."""
+    info = app.state.predictor.info()
+    note = f" ({info['device_note']})" if info["device_note"] else ""
+    return f"{info['format']} model on {info['provider']}{note}"
+
+
+def run_app(
+    app: FastAPI, sock: socket.socket, settings: AppSettings, on_started: Any = None
+) -> int:
+    """Runs ``app`` with uvicorn on the listening ``sock`` until SIGTERM/SIGINT and a drain.
+
+    Args:
+        app: from :meth:`AppSettings.build`.
+        sock: a listening socket (:func:`bind_socket`); closed on return.
+        settings: limits, log level, HTTP parser.
+        on_started: called (from another thread) once uvicorn accepts connections.
+
+    Returns:
+        How many requests the graceful-shutdown timeout cut off (0: a clean drain).
+    """
+    import uvicorn
+
+    host, bound = sock.getsockname()[:2]
+    config = uvicorn_config(app, host, bound, settings.limits, settings.log_level, settings.http)
+    server = uvicorn.Server(config)
+    if on_started is not None:
+
+        def notify() -> None:
+            while not server.started and not server.should_exit:
+                time.sleep(0.02)
+            if server.started:
+                on_started()
+
+        threading.Thread(target=notify, daemon=True).start()
+    try:
+        with _exit_quietly_after_drain():
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return app.state.tally.cut_off
+
+
+def cut_off_error(cut: int, limits: HttpLimits) -> ServeError:
+    """The error :func:`serve` raises when shutdown cut off ``cut`` requests."""
+    return ServeError(
+        f"shutdown cut off {cut} request(s) still unanswered after the "
+        f"{limits.graceful_timeout_s:g} s graceful timeout (they got 503)"
+    )
+
+
 def serve(
     export_dir: str | Path,
     host: str = "127.0.0.1",
@@ -300,6 +363,9 @@ def serve(
     max_ids: int | None = None,
     log_level: str = "info",
     limits: HttpLimits | None = None,
+    min_batch: int = 1,
+    workers: int = 1,
+    http: str = "auto",
 ) -> None:
     """Loads ``export_dir`` and serves it over HTTP with uvicorn until SIGTERM/SIGINT.
 
@@ -313,44 +379,51 @@ def serve(
         host: interface to bind (loopback by default: the API has no authentication).
         port: TCP port (0 picks a free one).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        threads: onnxruntime intra-op threads.
+        threads: onnxruntime intra-op threads (per worker).
         max_batch: node ids per model run.
-        max_wait_ms: micro-batching wait.
+        max_wait_ms: the longest a request waits for ``min_batch`` ids (an upper bound:
+            a free model runs a request at once).
         max_ids: node ids per request (default ``max_batch``).
         log_level: uvicorn log level.
         limits: read timeouts, keep-alive, connection bound, graceful timeout.
+        min_batch: ids worth waiting for (up to ``max_wait_ms``); 1: never wait.
+        workers: server processes (each loads the model; see :mod:`.workers`).
+        http: HTTP parser: ``auto`` (httptools when installed), ``httptools`` or ``h11``.
 
     Raises:
         ServeError: the port cannot be bound (in use: one line, exit 1), or shutdown cut
             off requests still in flight after the graceful timeout.
+        ConfigError: ``workers`` < 1, or limits that do not fit together.
     """
-    import uvicorn
-
-    limits = limits or HttpLimits()
-    predictor = Predictor(export_dir, device=device, threads=threads, max_batch=max_batch)
-    app = create_app(
-        predictor, max_batch, max_wait_ms, max_ids, body_timeout_s=limits.body_timeout_s
+    settings = AppSettings(
+        str(export_dir),
+        device,
+        threads,
+        max_batch,
+        max_wait_ms,
+        max_ids,
+        min_batch,
+        limits or HttpLimits(),
+        log_level,
+        http,
     )
+    http_protocol(http)  # an unknown or missing parser fails before anything loads
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the API has no authentication; expose it with care", host)
+    if workers > 1:
+        from abkd_deploy.serve.workers import serve_workers
+
+        serve_workers(settings, host, port, workers)
+        return
+    app = settings.build()
     sock = bind_socket(host, port)
-    bound = sock.getsockname()[1]
-    config = uvicorn_config(app, host, bound, limits, log_level)
-    note = f" ({predictor.info()['device_note']})" if predictor.info()["device_note"] else ""
-    print(f"abkd-deploy serve: {predictor.format} model on {predictor.provider}{note}", flush=True)
-    print(f"abkd-deploy serve: listening on http://{host}:{bound}", flush=True)
-    server = uvicorn.Server(config)
-    try:
-        with _exit_quietly_after_drain():
-            server.run(sockets=[sock])
-    finally:
-        sock.close()
-    cut = app.state.tally.cut_off
+    print(f"abkd-deploy serve: {model_line(app)}", flush=True)
+    print(f"abkd-deploy serve: listening on http://{host}:{sock.getsockname()[1]}", flush=True)
+    cut = run_app(app, sock, settings)
     if cut:
-        raise ServeError(
-            f"shutdown cut off {cut} request(s) still unanswered after the "
-            f"{limits.graceful_timeout_s:g} s graceful timeout (they got 503)"
-        )
+        raise cut_off_error(cut, settings.limits)
     print("abkd-deploy serve: stopped after draining in-flight requests", flush=True)
 
 

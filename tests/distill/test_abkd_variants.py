@@ -170,6 +170,7 @@ def _dis_with_graph(term, batch: KDBatch):
     return None, feature_dissimilarity(a_s, term._map_teacher(batch.teacher_hiddens))
 
 
+@pytest.mark.slow
 def test_align_attention_moves_to_the_most_aligned_layer() -> None:
     term = build(attention="align")
     opt = torch.optim.Adam([*term.query.parameters(), *term.key.parameters(), term.position], 0.1)
@@ -206,6 +207,19 @@ def test_align_without_gradients_is_plain_lattn() -> None:
         loss = term(connected_batch())
     assert term.last_alignment() is None
     assert torch.allclose(loss, (term.attention() * term.last_dissimilarity()).sum(1).mean())
+
+
+def test_align_every_reuses_the_alignment_between_updates() -> None:
+    term = build(attention="align", align_every=3)
+    seen = []
+    for k in range(7):
+        term(connected_batch(seed=k)).backward()
+        seen.append(term.last_alignment())
+    fresh = [k for k in range(7) if k == 0 or seen[k] is not seen[k - 1]]
+    assert fresh == [0, 3, 6]
+    every = build(attention="align")
+    every(connected_batch(seed=1))
+    assert not torch.allclose(every.last_alignment(), seen[1])  # seed 1's own alignment
 
 
 # ------------------------------------------------------------------ prior
@@ -275,6 +289,7 @@ def test_teacher_anchor_pulls_teacher_towards_its_snapshot() -> None:
         {"entropy_floor": "high"},
         {"prior_temperature": 0},
         {"teacher_anchor": -1},
+        {"align_every": 0},
     ],
 )
 def test_bad_variant_options(options) -> None:

@@ -26,6 +26,7 @@ def teacher_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_distill_run_dir_and_metrics(tmp_path, teacher_dir):
     out = tmp_path / "run"
     m = distill(

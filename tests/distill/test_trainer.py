@@ -27,6 +27,7 @@ def test_full_batch_training_learns(data):
     assert result.seconds_per_epoch > 0
 
 
+@pytest.mark.slow
 def test_mini_batch_training_learns(data):
     cfg = TrainConfig(
         epochs=25, patience=25, progress=False, device="cpu", batch_size=64, fanouts=(5, 5)

@@ -16,6 +16,7 @@ from abkd_deploy.models import load_model
 from .conftest import make_run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gcn", "sage"])
 def test_cora_students_export(planetoid_root, tmp_path, arch):
     run = make_run(

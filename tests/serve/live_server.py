@@ -20,13 +20,17 @@ class LiveServer:
     (:func:`uvicorn_config`); ``stop()`` is uvicorn's graceful shutdown."""
 
     def __init__(
-        self, app: Any, graceful_s: float = 10.0, limits: HttpLimits | None = None
+        self,
+        app: Any,
+        graceful_s: float = 10.0,
+        limits: HttpLimits | None = None,
+        http: str = "auto",
     ) -> None:
         # bound like `abkd-deploy serve` (proto=IPPROTO_TCP, so asyncio sets TCP_NODELAY)
         self.sock = bind_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         limits = limits or HttpLimits(graceful_timeout_s=graceful_s)
-        config = uvicorn_config(app, port=self.port, limits=limits, log_level="warning")
+        config = uvicorn_config(app, port=self.port, limits=limits, log_level="warning", http=http)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

@@ -156,3 +156,71 @@ def test_regression_on_enough_samples_has_no_note() -> None:
     assert "noisy" not in format_regressions(regs, 0.15)
     old = _report(_result("m", 1, [1.0], [1.0], [1.0]))  # a report without sample counts
     assert {c.samples for c in compare_all(old, copy.deepcopy(old), 0.15)} == {None}
+
+
+def _http_cell(target: str, conc: int, bs: int, p50: list, p99: list, rps: list) -> dict:
+    return {
+        "target": target,
+        "concurrency": conc,
+        "batch_size": bs,
+        "trials_ms": {"p50": p50, "p99": p99},
+        "trials_rps": rps,
+        "p50_ms": statistics.median(p50),
+        "p99_ms": statistics.median(p99),
+        "rps": statistics.median(rps),
+        "samples": {"per_trial": 200, "trials": len(p50), "total": 200 * len(p50)},
+    }
+
+
+def _http_report(*cells: dict, results: tuple = ()) -> dict:
+    return {**_report(*results), "http": {"results": list(cells)}}
+
+
+def test_http_latency_up_and_rps_down_are_regressions() -> None:
+    base = _http_report(
+        _http_cell("serve", 1, 64, [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [900, 1000, 950]),
+        _http_cell("floor", 1, 64, [0.3, 0.3, 0.3], [0.5, 0.5, 0.5], [3000, 3000, 3000]),
+    )
+    cur = _http_report(
+        _http_cell("serve", 1, 64, [1.5, 1.6, 1.4], [2.1, 2.0, 2.1], [600, 620, 610]),
+        _http_cell("floor", 1, 64, [0.3, 0.3, 0.3], [0.9, 0.9, 0.9], [3100, 3000, 3050]),
+    )
+    regs = compare_reports(base, cur, 0.15)
+    assert [(r.metric, r.model, r.batch_size) for r in regs] == [
+        ("p50_ms", "http serve c1", 64),
+        ("rps", "http serve c1", 64),
+        ("p99_ms", "http floor c1", 64),
+    ]
+    assert regs[1].unit == "req/s" and regs[1].worse_by == pytest.approx(1 - 610 / 950)
+    msg = format_regressions(regs, 0.15)
+    assert "rps http serve c1 batch 64: 950 -> 610 req/s" in msg
+    # the other way round every change is an improvement
+    assert compare_reports(cur, base, 0.15) == []
+
+
+def test_http_cells_compare_only_where_both_reports_have_them() -> None:
+    inproc = _result("student-onnx", 64, [0.1], [0.2], [6400])
+    cell = _http_cell("serve", 8, 1, [1.0], [3.0], [5000])
+    with_http = _http_report(cell, results=(inproc,))
+    # a baseline from before --http: in-process results only, no error
+    assert {c.model for c in compare_all(_report(inproc), with_http)} == {"student-onnx"}
+    # HTTP-only reports (bench --models '' --http) are compared on their cells
+    only = _http_report(cell)
+    slower = _http_report(_http_cell("serve", 8, 1, [1.0], [3.0], [2000]))
+    assert [(r.metric, r.model) for r in compare_reports(only, slower)] == [
+        ("rps", "http serve c8")
+    ]
+    other = _http_report(_http_cell("serve", 32, 1, [1.0], [3.0], [5000]))
+    with pytest.raises(ConfigError, match="share no"):
+        compare_reports(only, other)
+
+
+def test_bad_http_sections() -> None:
+    good = _http_report(_http_cell("serve", 1, 1, [1.0], [1.0], [1.0]))
+    with pytest.raises(ConfigError, match="'http' has no 'results'"):
+        compare_reports({**good, "http": {"cells": []}}, good)
+    with pytest.raises(ConfigError, match="needs 'target', 'concurrency'"):
+        compare_reports(_http_report({"target": "serve", "batch_size": 1}), good)
+    cell = good["http"]["results"][0]
+    with pytest.raises(ConfigError, match="duplicate http result"):
+        compare_reports(_http_report(cell, cell), good)

@@ -161,6 +161,8 @@ def test_metrics_count_what_was_sent(client, sent) -> None:
         (b'{"node_ids": [1e400]}', 422, "invalid_node_ids"),  # valid JSON, parses to inf
         (b'{"node_ids": [[1, 2], {"a": 1e999}]}', 422, "invalid_node_ids"),
         (b'{"node_ids": ["' + b"x" * 5000 + b'"]}', 422, "invalid_node_ids"),
+        (b'{"node_ids": [1, "\\ud800"]}', 422, "invalid_node_ids"),  # lone surrogate, echoed
+        (b'{"node_ids": [1], "\\udfff": 2}', 422, "invalid_request"),
         (b'{"node_ids": [1], "return_embedding": 1e400}', 422, "invalid_request"),
         (b'{"node_ids": [' + b"9" * 5000 + b"]}", 400, "malformed_json"),  # > int digit limit
         (b"[" * 100_000 + b"]" * 100_000, 413, "too_large"),

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -77,7 +78,7 @@ def _queued(port: int) -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_lets_in_flight_requests_finish(embedded_dir: Path, sig: signal.Signals) -> None:
-    proc, port = _start(embedded_dir, "--max-wait-ms", "1500")
+    proc, port = _start(embedded_dir, "--max-wait-ms", "1500", "--min-batch", "64")
     try:
         maps = Path(f"/proc/{proc.pid}/maps")
         if maps.exists():
@@ -248,3 +249,151 @@ def test_sigterm_lets_a_request_in_flight_finish(embedded_dir: Path) -> None:
     assert len(json.loads(reply.partition(b"\r\n\r\n")[2])["predictions"]) == 3
     assert proc.returncode == 0, out
     assert "stopped after draining" in out and "cut off" not in out
+
+
+def _memory_kb(pid: int) -> dict[str, int]:
+    """Rss and Pss (proportional: shared pages divided among their users) of a process."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss", "Shared_Clean", "Private_Dirty"):
+            out[key] = int(rest.split()[0])
+    return out
+
+
+def _pids_by_connection(port: int, want: int, ids: list[int], expected: list[int]) -> list[int]:
+    """Opens connections until ``want`` distinct worker pids answered (each connection
+    also checks a prediction); the kernel hashes each connection to one worker's socket.
+    Returns the pid that answered each prediction."""
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(set(seen)) < want and time.monotonic() < deadline:
+        c = Client(port)
+        try:
+            _, health, _ = c.request("GET", "/healthz")
+            status, body = c.predict(ids)
+        finally:
+            c.close()
+        assert status == 200 and body["predictions"] == expected, body
+        seen.append(health["pid"])
+    return seen
+
+
+def _scrape(port: int) -> tuple[int, dict[str, float]]:
+    """(pid of the answering worker, the ``abkd_serve_*`` samples of its /metrics)."""
+    c = Client(port)
+    try:
+        _, health, _ = c.request("GET", "/healthz")
+        _, text, _ = c.request("GET", "/metrics")
+    finally:
+        c.close()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("abkd_serve_"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return health["pid"], samples
+
+
+def test_workers_answer_from_separate_processes(embedded_dir: Path, capsys) -> None:
+    from abkd_deploy.serve import Predictor
+
+    ids = [3, 1, 4, 1, 5, 499]
+    expected = Predictor(embedded_dir, device="cpu", threads=1).predict(ids).classes.tolist()
+    metric_dirs = set(Path(tempfile.gettempdir()).glob("abkd-metrics-*"))
+    proc, port = _start(embedded_dir, "--workers", "2")
+    try:
+        assert len(set(Path(tempfile.gettempdir()).glob("abkd-metrics-*")) - metric_dirs) == 1
+        answered = _pids_by_connection(port, 2, ids, expected)
+        pids = set(answered)
+        assert len(pids) == 2 and proc.pid not in pids, pids
+        scraped: dict[int, dict[str, float]] = {}
+        deadline = time.monotonic() + 60
+        while len(scraped) < 2 and time.monotonic() < deadline:
+            pid, samples = _scrape(port)
+            scraped[pid] = samples
+        assert set(scraped) == pids
+        for samples in scraped.values():  # either worker reports the sum over both
+            assert samples['abkd_serve_requests_total{code="200"}'] == len(answered), samples
+            assert samples["abkd_serve_node_ids_total"] == len(ids) * len(answered)
+            assert samples["abkd_serve_request_latency_seconds_count"] == len(answered)
+        if Path(f"/proc/{proc.pid}/smaps_rollup").exists():
+            with capsys.disabled():
+                for pid in sorted(pids):
+                    print(f"\nworker {pid} memory (kB): {_memory_kb(pid)}")
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert out.count("embedded model on CPUExecutionProvider") == 2, out
+    assert "2 workers listening on" in out and "stopped after draining" in out
+    assert set(Path(tempfile.gettempdir()).glob("abkd-metrics-*")) <= metric_dirs  # removed
+
+
+def test_workers_drain_in_flight_requests_on_sigterm(embedded_dir: Path) -> None:
+    """Requests waiting in the workers' batchers (--min-batch) when SIGTERM reaches the
+    parent are all answered, and the parent exits 0 after every worker drained."""
+    args = ("--workers", "2", "--min-batch", "64", "--max-wait-ms", "3000")
+    proc, port = _start(embedded_dir, *args)
+    try:
+        clients = [Client(port) for _ in range(8)]
+        for c in clients:
+            c.conn.connect()
+        time.sleep(0.3)  # accepted by the workers before the listening sockets close
+        results: dict[int, tuple[int, object]] = {}
+
+        def call(i: int) -> None:
+            try:
+                results[i] = clients[i].predict([i, i + 1])
+            except Exception as exc:
+                results[i] = (-1, repr(exc))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # all eight wait (3 s at most) for 64 ids that never come
+        assert not results, results
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [results[i][0] for i in range(8)] == [200] * 8, (results, out)
+    assert proc.returncode == 0 and "stopped after draining" in out, out
+
+
+def test_workers_report_requests_cut_off(embedded_dir: Path) -> None:
+    proc, port = _start(
+        embedded_dir, "--workers", "2", "--graceful-timeout", "1", "--body-timeout", "60"
+    )
+    try:
+        sock = _stalled_body(port)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        reply = _read_all(sock)
+        sock.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert reply.startswith(b"HTTP/1.1 503"), reply
+    assert proc.returncode == 1, out
+    assert "shutdown cut off 1 request(s)" in out, out
+    assert "error: 1 of 2 workers did not drain cleanly" in out, out
+    assert "stopped after draining" not in out
+
+
+def test_workers_startup_error_is_one_line(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [*_serve_cmd(tmp_path, _free_port()), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: no manifest.json"), r.stderr
+    assert "stopped the other workers" in r.stderr and "Traceback" not in r.stderr

@@ -126,7 +126,7 @@ def test_metrics(live: LiveServer) -> None:
     assert delta("abkd_serve_node_ids_total") == 3
     assert delta("abkd_serve_batch_size_count") == 1
     assert delta("abkd_serve_request_latency_seconds_count") == 3
-    assert 'abkd_serve_info{provider="CPUExecutionProvider",format="embedded"} 1' in after
+    assert 'abkd_serve_info{format="embedded",provider="CPUExecutionProvider"} 1.0' in after
     assert "# TYPE abkd_serve_batch_size histogram" in after
 
 
@@ -139,7 +139,8 @@ def test_create_app_limits(predictor: Predictor) -> None:
 
 def test_graceful_shutdown_finishes_in_flight(predictor: Predictor) -> None:
     """Requests waiting in the batcher when shutdown starts still get their answers."""
-    app = create_app(predictor, max_batch=64, max_wait_ms=1500)
+    # min_batch=64: the eight 2-id requests wait (up to 1.5 s) for more company
+    app = create_app(predictor, max_batch=64, max_wait_ms=1500, min_batch=64)
     server = LiveServer(app).__enter__()
     results: dict[int, tuple[int, object]] = {}
 

@@ -11,7 +11,7 @@ import pytest
 
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.serve import Predictor
-from abkd_deploy.serve.limits import HttpLimits
+from abkd_deploy.serve.limits import MAX_HEADER_BYTES, BoundedHttpToolsProtocol, HttpLimits
 from abkd_deploy.serve.server import create_app
 from tests.serve.live_server import LiveServer
 
@@ -19,11 +19,24 @@ LIMITS = HttpLimits(header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=0.5)
 SLACK = 2.0  # scheduling slack on a busy 2-core machine
 
 
-@pytest.fixture(scope="module")
-def live(embedded_dir: Path):
+# Both HTTP parsers get the same bounds: httptools (the default when installed) and h11.
+PARSERS = [
+    "h11",
+    pytest.param(
+        "httptools",
+        marks=pytest.mark.skipif(
+            BoundedHttpToolsProtocol is None, reason="httptools not installed"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=PARSERS)
+def live(embedded_dir: Path, request: pytest.FixtureRequest):
     predictor = Predictor(embedded_dir, device="cpu", threads=1, max_batch=64)
     app = create_app(predictor, max_batch=64, body_timeout_s=LIMITS.body_timeout_s)
-    with LiveServer(app, limits=LIMITS) as server:
+    with LiveServer(app, limits=LIMITS, http=request.param) as server:
+        assert isinstance(server.server.config.http, type)
         yield server
 
 
@@ -102,6 +115,26 @@ def test_stalled_body_gets_408(live: LiveServer) -> None:
     assert b"content-type: application/json" in head.lower()
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert took >= LIMITS.body_timeout_s * 0.8
+
+
+def test_oversized_headers_are_refused(live: LiveServer) -> None:
+    """h11 bounds the request line + headers to 16 KiB; httptools gets the same bound."""
+    sock = _connect(live.port)
+    big = b"X-Big: " + b"a" * (MAX_HEADER_BYTES + 1024) + b"\r\n"
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + big)
+    except (BrokenPipeError, ConnectionResetError):
+        return
+    data, took = _read_until_closed(sock, SLACK)
+    assert data.startswith(b"HTTP/1.1 400") or data == b"", data[:200]
+    assert took < SLACK
+
+
+def test_headers_under_the_bound_are_served(live: LiveServer) -> None:
+    sock = _connect(live.port)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Ok: " + b"a" * 8000 + b"\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.close()
 
 
 def test_server_still_answers_after_timeouts(live: LiveServer) -> None:

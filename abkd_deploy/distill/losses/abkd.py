@@ -139,6 +139,9 @@ class AttentionKDTerm(LossTerm):
         teacher_anchor: Weight of ``mean_i || norm(H_T^i) - norm(H_T^i at the first call)
             ||^2`` added to the loss when the teacher carries gradients (joint mode), to keep
             it near its frozen self (default 0: off).
+        align_every: ``align``/``prior``: recompute the alignment ``c`` every this many
+            forward passes and reuse the last one in between (default 1: every pass; larger
+            values trade freshness for time).
 
     Raises:
         ConfigError: Unknown or out-of-range options.
@@ -159,6 +162,7 @@ class AttentionKDTerm(LossTerm):
         entropy_floor: float | None = None,
         prior_temperature: float = 1.0,
         teacher_anchor: float = 0.0,
+        align_every: int = 1,
         **unknown: Any,
     ) -> None:
         super().__init__(dims, **unknown)
@@ -174,6 +178,8 @@ class AttentionKDTerm(LossTerm):
             self.name, "prior_temperature", prior_temperature, low=0.0, strict=True
         )
         self.teacher_anchor = as_float(self.name, "teacher_anchor", teacher_anchor, low=0.0)
+        self.align_every = as_int(self.name, "align_every", align_every)
+        self._align_calls = 0
         self.student_layers = _student_layers(self.name, student_layers, len(dims.student))
         s_dims = [dims.student[j] for j in self.student_layers]
         self.d_k = as_int(self.name, "d_k", d_k)
@@ -353,10 +359,13 @@ class AttentionKDTerm(LossTerm):
             loss = (attn * dis).sum(dim=1).mean()
         else:
             loss = (attn.detach() * dis).sum(dim=1).mean()
-            grads = task_gradients(batch, full)
+            fresh = self._align_calls % self.align_every == 0 or self._alignment is None
+            self._align_calls += 1
+            grads = task_gradients(batch, full) if fresh else None
             if grads is not None:
                 grads = grads if idx is None else [g[idx] for g in grads]
                 self._alignment = task_alignment(dis_of, student, grads)
+            if self._alignment is not None and torch.is_grad_enabled():
                 att_loss = -(attn * standardize_rows(self._alignment)).sum(dim=1).mean()
                 loss = loss + (att_loss - att_loss.detach())  # value L_att, gradient on A
         if self.teacher_anchor > 0 and any(h.requires_grad for h in teacher):

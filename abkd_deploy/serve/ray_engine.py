@@ -1,0 +1,336 @@
+"""``serve --engine ray``: the student as a Ray Serve application (the ``ray`` extra).
+
+Two deployments, both speaking the built-in server's wire format
+(:mod:`abkd_deploy.serve.wire`, the error handling of :mod:`abkd_deploy.serve.server`):
+
+* ``StudentModel`` (``--replicas N``): each replica loads the export with
+  :class:`~abkd_deploy.serve.predictor.Predictor` (hashes verified) and runs requests in
+  ``@serve.batch`` micro-batches of at most ``max_batch`` node ids, waiting at most
+  ``max_wait_ms`` for company.
+* ``HttpFront`` (as many replicas): the FastAPI ingress behind Ray's HTTP proxy. It reads and
+  checks the body exactly like the built-in server (same 400/408/413/422 JSON errors), asks
+  a model replica, and encodes the answer. A model replica that dies with the request in
+  flight (process killed, node lost) is retried once on another replica; if that fails too
+  the client gets a JSON 503 ``replica_failed``. A full queue is a JSON 503 ``unavailable``.
+
+``/healthz`` answers from one model replica (its pid, provider and model) plus the limits;
+``/metrics`` is not served (Ray exports its own metrics). Ray is imported lazily: without
+the extra, :func:`serve_ray` raises a one-line :class:`ServeError` naming it.
+"""
+
+# No `from __future__ import annotations`: the routes are pickled to the replicas, where
+# FastAPI must see real annotation objects (a string "Request" would not resolve there).
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from abkd_deploy.errors import ServeError
+from abkd_deploy.serve.errors import Unavailable
+from abkd_deploy.serve.limits import HttpLimits
+from abkd_deploy.serve.predictor import Prediction, Predictor
+
+log = logging.getLogger(__name__)
+
+RAY_EXTRA = "ray"
+APP_NAME = "abkd-deploy"
+MODEL_DEPLOYMENT = "StudentModel"
+HTTP_DEPLOYMENT = "HttpFront"
+#: Requests one model replica holds at once (queued in its batcher or running).
+MODEL_MAX_ONGOING = 256
+#: Requests waiting for a model replica before the front answers 503 ``unavailable``.
+MODEL_MAX_QUEUED = 10_000
+
+
+def require_ray() -> None:
+    """Raises a one-line :class:`ServeError` when Ray Serve is not installed."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as exc:
+        raise ServeError(
+            f"--engine ray needs Ray Serve ({exc.name or 'ray'} is not installed); install it "
+            f'with pip install "abkd-deploy[{RAY_EXTRA}]"'
+        ) from None
+
+
+def _split(pred: Prediction, sizes: list[int], wants: list[bool]) -> list[Prediction]:
+    """Rows of one model run, back to the requests that made it up (``[n_i]`` ids each)."""
+    out, start = [], 0
+    for size, want in zip(sizes, wants):
+        part = pred[start : start + size]
+        out.append(part if want else Prediction(part.classes, part.scores))
+        start += size
+    return out
+
+
+def build_application(
+    export_dir: str,
+    replicas: int,
+    device: str = "auto",
+    threads: int | None = None,
+    max_batch: int = 1024,
+    max_wait_ms: float = 2.0,
+    max_ids: int | None = None,
+    body_timeout_s: float = HttpLimits.body_timeout_s,
+) -> Any:
+    """The bound Ray Serve application (``serve.run`` it); Ray must be installed.
+
+    Args:
+        export_dir: an ``embedded`` export directory (readable from every Ray node).
+        replicas: model replicas (and HTTP front replicas).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (per replica).
+        threads: onnxruntime intra-op threads per model replica.
+        max_batch: node ids per model run (``@serve.batch`` max_batch_size, counted in ids).
+        max_wait_ms: ``@serve.batch`` batch_wait_timeout_s, in milliseconds.
+        max_ids: node ids per request (default ``max_batch``).
+        body_timeout_s: a request body must arrive within this time, else 408.
+    """
+    from ray import serve
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from abkd_deploy.serve.errors import RequestError, RequestTimeout
+    from abkd_deploy.serve.server import _error_body, _read_body, http_error
+    from abkd_deploy.serve.wire import (
+        BINARY_TYPE,
+        JSON_TYPE,
+        encode_binary,
+        encode_json,
+        parse_request,
+        wants_binary,
+    )
+
+    max_ids = int(max_ids or max_batch)
+    max_body = 4096 + 64 * max_ids  # as the built-in server
+
+    @serve.deployment(
+        name=MODEL_DEPLOYMENT,
+        num_replicas=replicas,
+        max_ongoing_requests=MODEL_MAX_ONGOING,
+        max_queued_requests=MODEL_MAX_QUEUED,
+        ray_actor_options={"num_cpus": 1},
+    )
+    class StudentModel:
+        """One Predictor; requests are micro-batched by ``@serve.batch``."""
+
+        def __init__(self) -> None:
+            self.predictor = Predictor(export_dir, device, threads, max_batch)
+            self.with_embedding = self.predictor.has_embedding
+            self.predict.set_max_batch_size(max_batch)
+            self.predict.set_batch_wait_timeout_s(max_wait_ms / 1000.0)
+
+        @serve.batch(
+            max_batch_size=max_batch,
+            batch_wait_timeout_s=max_wait_ms / 1000.0,
+            batch_size_fn=lambda items: sum(len(ids) for ids, _ in items),
+        )
+        async def predict(self, items: list[tuple[Any, bool]]) -> list[Prediction]:
+            """``items``: (``[n_i]`` int64 ids, want embedding); one model run for all."""
+            import numpy as np
+
+            sizes = [len(ids) for ids, _ in items]
+            ids = np.concatenate([ids for ids, _ in items])
+            pred = self.predictor.predict(ids, return_embedding=self.with_embedding)
+            return _split(pred, sizes, [want for _, want in items])
+
+        def info(self) -> dict[str, Any]:
+            """``Predictor.info()`` and this replica's pid."""
+            return {**self.predictor.info(), "pid": os.getpid()}
+
+        def check_health(self) -> None:
+            """Ray's health probe: the session must still answer."""
+            self.predictor.predict([0])
+
+    def build_http_app(model: Any, num_nodes: int, with_embedding: bool) -> FastAPI:
+        app = FastAPI(title="abkd-deploy", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_exception_handler(StarletteHTTPException, http_error)
+        died = (RayActorError, ActorUnavailableError)
+
+        async def ask_model(req: Any) -> Prediction:
+            item = (req.ids, req.return_embedding)
+            try:
+                try:
+                    return await model.predict.remote(item)
+                except died as exc:
+                    log.warning("a model replica failed with a request in flight: %s", exc)
+                try:
+                    return await model.predict.remote(item)  # idempotent: once more
+                except died as exc:
+                    raise ReplicaFailed(
+                        f"the model replica serving this request failed "
+                        f"({type(exc).__name__}), and so did the retry; try again"
+                    ) from None
+            except (BackPressureError, DeploymentUnavailableError) as exc:
+                raise Unavailable(f"no model replica can take the request now: {exc}") from None
+
+        @app.post("/v1/predict")
+        async def predict(request: Request) -> Response:
+            try:
+                body = await _read_body(request, max_body, body_timeout_s)
+                req = parse_request(body, num_nodes, max_ids, with_embedding)
+                pred = await ask_model(req)
+            except (RequestError, Unavailable) as exc:
+                headers = None
+                if isinstance(exc, RequestTimeout) or exc.code == "too_large":
+                    headers = {"connection": "close"}  # the rest of the body may still come
+                return JSONResponse(_error_body(exc, exc.code), exc.http_status, headers=headers)
+            if wants_binary(request.headers.get("accept", "")):
+                return Response(encode_binary(pred, req), media_type=BINARY_TYPE)
+            return Response(encode_json(pred, req), media_type=JSON_TYPE)
+
+        @app.get("/healthz")
+        async def healthz() -> Response:
+            limits = {
+                "engine": "ray",
+                "replicas": replicas,
+                "max_batch": max_batch,
+                "max_wait_ms": max_wait_ms,
+                "max_ids_per_request": max_ids,
+            }
+            try:
+                info = await model.info.remote()
+            except Exception as exc:  # no replica answers: unhealthy, not a 500
+                body = {"status": "unavailable", "error": f"{type(exc).__name__}", **limits}
+                return JSONResponse(body, status_code=503)
+            return JSONResponse({"status": "ok", **info, **limits})
+
+        return app
+
+    @serve.deployment(
+        name=HTTP_DEPLOYMENT,
+        num_replicas=replicas,
+        max_ongoing_requests=MODEL_MAX_ONGOING,
+        ray_actor_options={"num_cpus": 0},
+    )
+    @serve.ingress()
+    class HttpFront:
+        """FastAPI ingress: request checks and encoding, the model behind a handle."""
+
+        def __init__(self, model: Any, num_nodes: int, with_embedding: bool) -> None:
+            self.model = model
+            self.num_nodes = num_nodes
+            self.with_embedding = with_embedding
+
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            return build_http_app(self.model, self.num_nodes, self.with_embedding)
+
+    probe = Predictor(export_dir, device, threads, max_batch)
+    return HttpFront.bind(StudentModel.bind(), probe.num_nodes, probe.has_embedding)
+
+
+class ReplicaFailed(Unavailable):
+    """The model replica died with the request in flight, and the retry failed too."""
+
+    code = "replica_failed"
+
+
+def serve_ray(
+    export_dir: str,
+    replicas: int = 1,
+    ray_address: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    threads: int | None = None,
+    max_batch: int = 1024,
+    max_wait_ms: float = 2.0,
+    max_ids: int | None = None,
+    limits: HttpLimits | None = None,
+) -> None:
+    """Serves ``export_dir`` with Ray Serve on ``host:port`` until SIGTERM/SIGINT.
+
+    Without ``ray_address`` a local Ray instance is started (and shut down on exit);
+    with it, the application is deployed on that cluster (and deleted on exit; the
+    cluster and its Serve instance stay up). Every node must have this package installed
+    and see ``export_dir`` at the same path.
+
+    Args:
+        export_dir: an ``embedded`` export directory.
+        replicas: model replicas (``@serve.batch`` each) and HTTP front replicas.
+        ray_address: an existing cluster (``ray://host:10001``, ``host:6379`` or ``auto``).
+        host: interface of Ray's HTTP proxy.
+        port: its TCP port (0: a free one).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (per replica).
+        threads: onnxruntime intra-op threads per model replica.
+        max_batch: node ids per model run (``max_batch_size``).
+        max_wait_ms: the longest a request waits for company (``batch_wait_timeout_s``).
+        max_ids: node ids per request (default ``max_batch``).
+        limits: only ``body_timeout_s`` applies (Ray's proxy owns the connections).
+
+    Raises:
+        ServeError: Ray Serve not installed, the cluster cannot be reached, or the port
+            is in use.
+        ConfigError: limits that do not fit together, or ``replicas`` < 1.
+        ArtifactError: the export fails to load or its hashes do not match.
+    """
+    from abkd_deploy.errors import ConfigError
+    from abkd_deploy.serve.server import bind_socket, create_app
+
+    require_ray()
+    if replicas < 1:
+        raise ConfigError(f"replicas must be >= 1, got {replicas}")
+    limits = limits or HttpLimits()
+    # the same checks as the built-in server (limits, embedded format, hashes) before Ray
+    create_app(
+        Predictor(export_dir, device, threads, max_batch),
+        max_batch,
+        max_wait_ms,
+        max_ids,
+        body_timeout_s=limits.body_timeout_s,
+    )
+    probe = bind_socket(host, port, listen=False)  # in use: the built-in server's error
+    port = probe.getsockname()[1]
+    probe.close()
+
+    import ray
+    from ray import serve
+
+    try:
+        if ray_address:
+            ray.init(address=ray_address, logging_level=logging.WARNING)
+        else:
+            ray.init(  # "local": a new instance, never one that happens to be running
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, replicas),
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = ray_address or "a local instance"
+        raise ServeError(f"cannot start Ray ({where}): {str(exc).splitlines()[0]}") from None
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        app = build_application(
+            export_dir,
+            replicas,
+            device,
+            threads,
+            max_batch,
+            max_wait_ms,
+            max_ids,
+            limits.body_timeout_s,
+        )
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"abkd-deploy serve: Ray Serve, {replicas} replica(s) of {export_dir}", flush=True)
+        print(f"abkd-deploy serve: listening on http://{host}:{port}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if ray_address:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    print("abkd-deploy serve: stopped", flush=True)
