@@ -97,6 +97,13 @@ class ServerProcess:
     proc: subprocess.Popen
     log_path: Path
     stopped: dict[str, Any] = field(default_factory=dict)
+    terminated: bool = False
+
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one would cut the graceful drain short."""
+        if not self.terminated and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.terminated = True
 
     def rss_mb(self) -> dict[str, float]:
         """Resident memory of each live process of the server's group (``{pid: MB}``)."""
@@ -213,8 +220,7 @@ def stop_server(
         return server.stopped
     proc, pgid = server.proc, server.proc.pid
     rss = server.rss_mb() if rss is None else rss
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    server.terminate()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout_s)
     leftovers = group_pids(pgid)
@@ -421,8 +427,7 @@ def run_http_bench(
         finally:
             rss = {name: s.rss_mb() for name, s in servers.items()}
             for s in servers.values():  # both drain at once
-                if s.proc.poll() is None:
-                    s.proc.send_signal(signal.SIGTERM)
+                s.terminate()
             stopped = {name: stop_server(s, rss=rss[name]) for name, s in servers.items()}
     results = [_cell(*key, trial, opts.client_processes) for key, trial in cells.items()]
     commands = {name: shlex.join(_display(s.command)) for name, s in servers.items()}

@@ -24,6 +24,8 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from abkd_deploy.errors import ServeError
 from abkd_deploy.serve.errors import Unavailable
 from abkd_deploy.serve.limits import HttpLimits
+from abkd_deploy.serve.manifest import load_manifest
 from abkd_deploy.serve.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,101 @@ def _split(pred: Prediction, sizes: list[int], wants: list[bool]) -> list[Predic
     return out
 
 
+@dataclass(frozen=True)
+class FrontSettings:
+    """What the HTTP front checks and reports (fields as in :func:`build_application`)."""
+
+    replicas: int
+    max_batch: int
+    max_wait_ms: float
+    max_ids: int
+    body_timeout_s: float
+
+
+def build_http_app(
+    model: Any, num_nodes: int, with_embedding: bool, front: FrontSettings
+) -> FastAPI:
+    """The FastAPI ingress of the Ray application (built on each ``HttpFront`` replica).
+
+    Args:
+        model: a handle whose ``predict.remote((ids, want_embedding))`` answers a
+            :class:`Prediction` and ``info.remote()`` a replica's ``/healthz`` fields.
+        num_nodes: ids must lie in ``[0, num_nodes)``.
+        with_embedding: whether the model has an ``embedding`` output.
+        front: limits.
+    """
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from abkd_deploy.serve.errors import RequestError, RequestTimeout
+    from abkd_deploy.serve.server import _error_body, _read_body, http_error
+    from abkd_deploy.serve.wire import (
+        BINARY_TYPE,
+        JSON_TYPE,
+        encode_binary,
+        encode_json,
+        parse_request,
+        wants_binary,
+    )
+
+    max_ids, max_body = front.max_ids, 4096 + 64 * front.max_ids  # as the built-in server
+    body_timeout_s = front.body_timeout_s
+    app = FastAPI(title="abkd-deploy", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    died = (RayActorError, ActorUnavailableError)
+
+    async def ask_model(req: Any) -> Prediction:
+        item = (req.ids, req.return_embedding)
+        try:
+            try:
+                return await model.predict.remote(item)
+            except died as exc:
+                log.warning("a model replica failed with a request in flight: %s", exc)
+            try:
+                return await model.predict.remote(item)  # idempotent: once more
+            except died as exc:
+                raise ReplicaFailed(
+                    f"the model replica serving this request failed "
+                    f"({type(exc).__name__}), and so did the retry; try again"
+                ) from None
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise Unavailable(f"no model replica can take the request now: {exc}") from None
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> Response:
+        try:
+            body = await _read_body(request, max_body, body_timeout_s)
+            req = parse_request(body, num_nodes, max_ids, with_embedding)
+            pred = await ask_model(req)
+        except (RequestError, Unavailable) as exc:
+            headers = None
+            if isinstance(exc, RequestTimeout) or exc.code == "too_large":
+                headers = {"connection": "close"}  # the rest of the body may still come
+            return JSONResponse(_error_body(exc, exc.code), exc.http_status, headers=headers)
+        if wants_binary(request.headers.get("accept", "")):
+            return Response(encode_binary(pred, req), media_type=BINARY_TYPE)
+        return Response(encode_json(pred, req), media_type=JSON_TYPE)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        limits = {
+            "engine": "ray",
+            "replicas": front.replicas,
+            "max_batch": front.max_batch,
+            "max_wait_ms": front.max_wait_ms,
+            "max_ids_per_request": max_ids,
+        }
+        try:
+            info = await model.info.remote()
+        except Exception as exc:  # no replica answers: unhealthy, not a 500
+            body = {"status": "unavailable", "error": f"{type(exc).__name__}", **limits}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok", **info, **limits})
+
+    return app
+
+
 def build_application(
     export_dir: str,
     replicas: int,
@@ -91,23 +189,10 @@ def build_application(
         body_timeout_s: a request body must arrive within this time, else 408.
     """
     from ray import serve
-    from ray.exceptions import ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from abkd_deploy.serve.errors import RequestError, RequestTimeout
-    from abkd_deploy.serve.server import _error_body, _read_body, http_error
-    from abkd_deploy.serve.wire import (
-        BINARY_TYPE,
-        JSON_TYPE,
-        encode_binary,
-        encode_json,
-        parse_request,
-        wants_binary,
+    front = FrontSettings(
+        replicas, max_batch, max_wait_ms, int(max_ids or max_batch), body_timeout_s
     )
-
-    max_ids = int(max_ids or max_batch)
-    max_body = 4096 + 64 * max_ids  # as the built-in server
 
     @serve.deployment(
         name=MODEL_DEPLOYMENT,
@@ -147,61 +232,6 @@ def build_application(
             """Ray's health probe: the session must still answer."""
             self.predictor.predict([0])
 
-    def build_http_app(model: Any, num_nodes: int, with_embedding: bool) -> FastAPI:
-        app = FastAPI(title="abkd-deploy", docs_url=None, redoc_url=None, openapi_url=None)
-        app.add_exception_handler(StarletteHTTPException, http_error)
-        died = (RayActorError, ActorUnavailableError)
-
-        async def ask_model(req: Any) -> Prediction:
-            item = (req.ids, req.return_embedding)
-            try:
-                try:
-                    return await model.predict.remote(item)
-                except died as exc:
-                    log.warning("a model replica failed with a request in flight: %s", exc)
-                try:
-                    return await model.predict.remote(item)  # idempotent: once more
-                except died as exc:
-                    raise ReplicaFailed(
-                        f"the model replica serving this request failed "
-                        f"({type(exc).__name__}), and so did the retry; try again"
-                    ) from None
-            except (BackPressureError, DeploymentUnavailableError) as exc:
-                raise Unavailable(f"no model replica can take the request now: {exc}") from None
-
-        @app.post("/v1/predict")
-        async def predict(request: Request) -> Response:
-            try:
-                body = await _read_body(request, max_body, body_timeout_s)
-                req = parse_request(body, num_nodes, max_ids, with_embedding)
-                pred = await ask_model(req)
-            except (RequestError, Unavailable) as exc:
-                headers = None
-                if isinstance(exc, RequestTimeout) or exc.code == "too_large":
-                    headers = {"connection": "close"}  # the rest of the body may still come
-                return JSONResponse(_error_body(exc, exc.code), exc.http_status, headers=headers)
-            if wants_binary(request.headers.get("accept", "")):
-                return Response(encode_binary(pred, req), media_type=BINARY_TYPE)
-            return Response(encode_json(pred, req), media_type=JSON_TYPE)
-
-        @app.get("/healthz")
-        async def healthz() -> Response:
-            limits = {
-                "engine": "ray",
-                "replicas": replicas,
-                "max_batch": max_batch,
-                "max_wait_ms": max_wait_ms,
-                "max_ids_per_request": max_ids,
-            }
-            try:
-                info = await model.info.remote()
-            except Exception as exc:  # no replica answers: unhealthy, not a 500
-                body = {"status": "unavailable", "error": f"{type(exc).__name__}", **limits}
-                return JSONResponse(body, status_code=503)
-            return JSONResponse({"status": "ok", **info, **limits})
-
-        return app
-
     @serve.deployment(
         name=HTTP_DEPLOYMENT,
         num_replicas=replicas,
@@ -218,10 +248,12 @@ def build_application(
             self.with_embedding = with_embedding
 
         def __serve_build_asgi_app__(self) -> FastAPI:
-            return build_http_app(self.model, self.num_nodes, self.with_embedding)
+            return build_http_app(self.model, self.num_nodes, self.with_embedding, front)
 
-    probe = Predictor(export_dir, device, threads, max_batch)
-    return HttpFront.bind(StudentModel.bind(), probe.num_nodes, probe.has_embedding)
+    manifest = load_manifest(Path(export_dir))  # the Predictor checked it against the model
+    with_embedding = any(o["name"] == "embedding" for o in manifest["outputs"])
+    num_nodes = int(manifest["graph"]["num_nodes"])
+    return HttpFront.bind(StudentModel.bind(), num_nodes, with_embedding)
 
 
 class ReplicaFailed(Unavailable):
