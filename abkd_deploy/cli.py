@@ -6,15 +6,18 @@ Every command converts :class:`~abkd_deploy.errors.AbkdError` into a one-line
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from abkd_deploy import __version__, names
-from abkd_deploy.errors import AbkdError
+from abkd_deploy.distill.specs import KDSpec, StudentSpec, TeacherSpec
+from abkd_deploy.errors import AbkdError, ConfigError
 from abkd_deploy.extras import missing_extra_message
 from abkd_deploy.registry import check_name
 
@@ -78,6 +81,75 @@ def _check_list(kind: str, values: str | tuple[str, ...], known: tuple[str, ...]
     for value in items:
         if str(value).strip():
             check_name(kind, str(value).strip(), known)
+
+
+def _int_list(value: str, what: str) -> tuple[int, ...]:
+    """``"10,10"`` -> ``(10, 10)``; a :class:`ConfigError` naming the option otherwise."""
+    try:
+        out = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"bad {what} {value!r}; expected comma-separated integers") from None
+    if not out:
+        raise ConfigError(f"bad {what} {value!r}; expected comma-separated integers")
+    return out
+
+
+def _force_option(help: str) -> Callable[..., Any]:
+    return click.option("--force", is_flag=True, help=help)
+
+
+_RUN_FORCE_HELP = (
+    "Replace an existing --out written by a previous run of this tool (refused if it "
+    "holds any file its run.json does not list, or overlaps a source)."
+)
+
+
+def _option_dest(f: dataclasses.Field) -> str:
+    """Parameter name of a declared field's option: ``--abkd-dissimilarity`` ->
+    ``abkd_dissimilarity``."""
+    return f.metadata["cli"].split("/")[0].lstrip("-").replace("-", "_")
+
+
+def _cli_fields(spec: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(spec) if f.metadata.get("cli")]
+
+
+def spec_options(*specs: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click options declared by the fields of the spec dataclasses ``specs``.
+
+    A field's metadata (:func:`abkd_deploy.distill.specs.cli_field`) gives the option
+    string and help; its type (``None`` stripped) gives the click type, ``choices`` a
+    :class:`click.Choice`, ``path`` a directory path; ``--x/--no-x`` is a boolean pair.
+    """
+    opts = []
+    for spec in specs:
+        hints = typing.get_type_hints(spec)
+        for f in _cli_fields(spec):
+            kinds = [
+                t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)
+            ]
+            kw: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help")}
+            if f.default is not None:
+                kw["show_default"] = True
+            if f.metadata.get("choices"):
+                kw["type"] = click.Choice(list(f.metadata["choices"]))
+            elif f.metadata.get("path"):
+                kw["type"] = click.Path(file_okay=False)
+            elif kinds[0] is not bool:
+                kw["type"] = kinds[0]
+            opts.append(click.option(f.metadata["cli"], _option_dest(f), **kw))
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def _pop_spec(spec: type, kw: dict[str, Any]) -> Any:
+    """Builds ``spec`` from (and removes) the options :func:`spec_options` declared."""
+    return spec(**{f.name: kw.pop(_option_dest(f)) for f in _cli_fields(spec)})
 
 
 def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -168,154 +240,85 @@ def main() -> None:
     show_default=True,
     help="Output run directory.",
 )
+@_force_option(_RUN_FORCE_HELP)
 @_friendly
-def teacher(**kwargs: Any) -> None:
+def teacher(**kw: Any) -> None:
     """Train a teacher GNN with early stopping on validation accuracy."""
-    _check_dataset(kwargs["dataset"])
-    check_name("architecture", kwargs["arch"], names.ARCHITECTURES)
-    from abkd_deploy.distill.teacher import train_teacher_cli
+    _check_dataset(kw["dataset"])
+    check_name("architecture", kw["arch"], names.ARCHITECTURES)
+    from abkd_deploy.distill.teacher import train_teacher
 
-    train_teacher_cli(**kwargs)
+    metrics = train_teacher(train=_train_config(kw), **kw)
+    click.echo(
+        f"teacher {metrics['arch']}: {metrics['params']:,} params, "
+        f"val {metrics['metric']} {metrics['val_acc']:.4f}, "
+        f"test {metrics['metric']} {metrics['test_acc']:.4f} "
+        f"(best epoch {metrics['best_epoch']}, {metrics['seconds']:.1f} s) -> {kw['out']}"
+    )
+
+
+def _train_config(kw: dict[str, Any]) -> Any:
+    """Pops the options of :func:`training_options` into a ``TrainConfig`` (imports torch)."""
+    from abkd_deploy.distill.trainer import TrainConfig
+
+    return TrainConfig(
+        epochs=kw.pop("epochs"),
+        patience=kw.pop("patience"),
+        lr=kw.pop("lr"),
+        weight_decay=kw.pop("weight_decay"),
+        batch_size=kw.pop("batch_size"),
+        fanouts=_int_list(kw.pop("fanouts"), "--fanouts"),
+        device=kw.pop("device"),
+        seed=kw.pop("seed"),
+    )
 
 
 def distill_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Teacher, student and KD options shared by ``distill`` and ``compare``."""
-    opts = [
-        click.option(
-            "--teacher",
-            "teacher_path",
-            type=click.Path(file_okay=False),
-            default=None,
-            help="Run dir of a trained teacher (abkd-deploy teacher). "
-            "Without it a teacher is trained first with the --teacher-* options.",
-        ),
-        click.option("--teacher-arch", default="gcnii", show_default=True),
-        click.option("--teacher-layers", type=int, default=16, show_default=True),
-        click.option("--teacher-hidden", type=int, default=64, show_default=True),
-        click.option(
-            "--teacher-epochs",
-            type=int,
-            default=None,
-            help="Epochs for the teacher trained here (default: --epochs).",
-        ),
-        click.option("--student-arch", default="gcn", show_default=True),
-        click.option("--student-layers", type=int, default=2, show_default=True),
-        click.option("--student-hidden", type=int, default=8, show_default=True),
-        click.option("--student-dropout", type=float, default=0.5, show_default=True),
-        click.option(
-            "--alpha",
-            type=float,
-            default=0.7,
-            show_default=True,
-            help="Weight of the logit-KD term; CE gets 1 - alpha.",
-        ),
-        click.option("--tau", type=float, default=4.0, show_default=True, help="KD temperature."),
-        click.option(
-            "--beta",
-            type=float,
-            default=1.0,
-            show_default=True,
-            help="Weight of the method's own term (ABKD: L_att).",
-        ),
-        click.option(
-            "--abkd-dissimilarity",
-            type=click.Choice(["feature", "similarity"]),
-            default="feature",
-            show_default=True,
-        ),
-        click.option(
-            "--kd-nodes",
-            type=int,
-            default=None,
-            help="Node sample for the ABKD dissimilarity; 0 = all nodes (default: feature: "
-            "all nodes up to 4096, else 1024; similarity: 512).",
-        ),
-        click.option(
-            "--warmup-epochs",
-            type=int,
-            default=None,
-            help="Ramp beta up from 0 over this many epochs (default: 20 for abkd, whose "
-            "unit-normalised feature loss otherwise swamps a fresh student; 0 otherwise).",
-        ),
-        click.option(
-            "--normalize/--no-normalize",
-            default=None,
-            help="Scale auxiliary terms to the KD term's magnitude at the first "
-            "step (default: on for abkd).",
-        ),
-        click.option(
-            "--teacher-mode",
-            type=click.Choice(["frozen", "joint"]),
-            default="frozen",
-            show_default=True,
-        ),
-        click.option(
-            "--teacher-lr",
-            type=float,
-            default=1e-3,
-            show_default=True,
-            help="Learning rate of the teacher in joint mode.",
-        ),
-        click.option(
-            "--seeds",
-            type=click.IntRange(1),
-            default=1,
-            show_default=True,
-            help="Number of seeds (--seed, --seed+1, ...); reports mean +- std.",
-        ),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    """Teacher, student and KD options shared by ``distill`` and ``compare``.
+
+    Declared once, by the fields of :mod:`abkd_deploy.distill.specs`.
+    """
+    fn = click.option(
+        "--seeds",
+        type=click.IntRange(1),
+        default=1,
+        show_default=True,
+        help="Number of seeds (--seed, --seed+1, ...); reports mean +- std.",
+    )(fn)
+    fn = click.option(
+        "--teacher-lr",
+        type=float,
+        default=1e-3,
+        show_default=True,
+        help="Learning rate of the teacher in joint mode.",
+    )(fn)
+    return spec_options(TeacherSpec, StudentSpec, KDSpec)(fn)
 
 
 def _check_distill_names(kw: dict[str, Any]) -> None:
     """Dataset and architecture names of ``distill``/``compare``, before torch is imported."""
     _check_dataset(kw["dataset"])
-    if kw["teacher_path"] is None:
+    if kw["teacher"] is None:
         check_name("architecture", kw["teacher_arch"], names.ARCHITECTURES)
     check_name("architecture", kw["student_arch"], names.ARCHITECTURES)
 
 
-def _distill_specs(kw: dict[str, Any]):
-    from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec
-    from abkd_deploy.distill.teacher import train_config_from_cli
-
+def _distill_specs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pops the options of ``distill``/``compare`` into the keyword arguments of
+    :func:`abkd_deploy.distill.run.distill` (specs, training settings, dataset, seeds)."""
     teacher_lr = kw.pop("teacher_lr")
-    train = train_config_from_cli(kw)
+    train = _train_config(kw)
     train.teacher_lr = teacher_lr
-    teacher = TeacherSpec(
-        path=kw.pop("teacher_path"),
-        arch=kw.pop("teacher_arch"),
-        layers=kw.pop("teacher_layers"),
-        hidden=kw.pop("teacher_hidden"),
-        epochs=kw.pop("teacher_epochs"),
-    )
-    student = StudentSpec(
-        arch=kw.pop("student_arch"),
-        layers=kw.pop("student_layers"),
-        hidden=kw.pop("student_hidden"),
-        dropout=kw.pop("student_dropout"),
-    )
-    kd = KDSpec(
-        alpha=kw.pop("alpha"),
-        tau=kw.pop("tau"),
-        beta=kw.pop("beta"),
-        dissimilarity=kw.pop("abkd_dissimilarity"),
-        kd_nodes=kw.pop("kd_nodes"),
-        warmup_epochs=kw.pop("warmup_epochs"),
-        normalize=kw.pop("normalize"),
-        teacher_mode=kw.pop("teacher_mode"),
-    )
     return {
-        "teacher": teacher,
-        "student": student,
-        "kd": kd,
+        "teacher": _pop_spec(TeacherSpec, kw),
+        "student": _pop_spec(StudentSpec, kw),
+        "kd": _pop_spec(KDSpec, kw),
         "train": train,
         "dataset": kw.pop("dataset"),
         "root": kw.pop("root"),
         "split": kw.pop("split"),
         "seeds": kw.pop("seeds"),
+        "force": kw.pop("force"),
     }
 
 
@@ -336,6 +339,7 @@ def _distill_specs(kw: dict[str, Any]):
     show_default=True,
     help="Output run directory.",
 )
+@_force_option(_RUN_FORCE_HELP)
 @_friendly
 def distill(**kw: Any) -> None:
     """Distill a teacher into a compact student (ABKD or a baseline)."""
@@ -364,6 +368,7 @@ def distill(**kw: Any) -> None:
 @click.option("--methods", default="ce,kd,fitnet,at,lsp,gcrd,abkd", show_default=True)
 @training_options
 @click.option("--out", type=click.Path(file_okay=False), default="runs/compare", show_default=True)
+@_force_option(_RUN_FORCE_HELP)
 @_friendly
 def compare(**kw: Any) -> None:
     """Run every KD method on the same teacher and seeds; write a comparison table."""
@@ -382,17 +387,6 @@ def _run_compare(specs: dict[str, Any], methods: str | None, out: str) -> None:
     )
     rows = run_compare(methods=names, out=out, **specs)
     click.echo(format_table(rows))
-
-
-def _not_built(name: str) -> Callable[..., None]:
-    @main.command(name=name, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def cmd(args: tuple[str, ...]) -> None:
-        click.echo(f"error: `abkd-deploy {name}` is not built yet", err=True)
-        sys.exit(1)
-
-    cmd.__doc__ = f"(not built yet) {name}."
-    return cmd
 
 
 @main.command()
@@ -459,9 +453,23 @@ def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) 
     _check_list("export format", formats, names.EXPORT_FORMATS)
     check_name("adjacency format", kwargs["adjacency"], names.ADJACENCY_FORMATS)
     check_name("dtype", kwargs["dtype"], names.EXPORT_DTYPES)
-    from abkd_deploy.export.cli import run_export
+    from abkd_deploy.export.api import export as run_export
 
-    run_export(run_dir, out_dir, formats, **kwargs)
+    # steps and per-output validation details go to stderr as they happen; stdout gets
+    # this one result line
+    manifest = run_export(run_dir, out_dir, formats=formats or ("onnx",), progress=True, **kwargs)
+    acc, adj = manifest["accuracy"], manifest["adjacency"]
+    fanouts = ",".join(map(str, adj["fanouts"])) if adj["fanouts"] else "exact"
+    exported = ", ".join(
+        f"{name} {value:.4f} (max abs diff "
+        f"{max(manifest['validation']['max_abs_diff'][name].values(), default=0.0):.1e})"
+        for name, value in acc["exported"].items()
+    )
+    click.echo(
+        f"exported {manifest['model']['arch']} student ({adj['format']}, fanouts {fanouts}, "
+        f"{manifest['dtype']}, opset {manifest['opset']}) -> {out_dir}: test {acc['metric']} "
+        f"PyTorch {acc['pytorch_student']:.4f}, {exported}"
+    )
 
 
 @main.command()
@@ -785,16 +793,17 @@ def bench(export_dir: str, **kw: Any) -> None:
     """Latency, memory and accuracy of the student (onnxruntime, eager) vs the teacher."""
     models = tuple(m.strip() for m in kw.pop("models").split(",") if m.strip())
     _check_list("bench model", models, names.BENCH_MODELS)
-    from abkd_deploy.distill.teacher import parse_int_list
+    if kw["out"]:  # a bad --out is refused before the benchmark runs
+        _check_bench_out(kw["out"], export_dir, kw["teacher"])
     from abkd_deploy.serve.bench import bench as run_bench
     from abkd_deploy.serve.bench import format_markdown, write_report
     from abkd_deploy.serve.bench_http import HttpOptions
 
     out, baseline, tol = kw.pop("out"), kw.pop("baseline"), kw.pop("max_regression")
-    sizes = parse_int_list(kw.pop("batch_sizes"), "--batch-sizes")
+    sizes = _int_list(kw.pop("batch_sizes"), "--batch-sizes")
     http = HttpOptions(
-        concurrency=parse_int_list(kw.pop("http_concurrency"), "--http-concurrency"),
-        batch_sizes=parse_int_list(kw.pop("http_batch_sizes"), "--http-batch-sizes"),
+        concurrency=_int_list(kw.pop("http_concurrency"), "--http-concurrency"),
+        batch_sizes=_int_list(kw.pop("http_batch_sizes"), "--http-batch-sizes"),
         requests=kw.pop("http_requests"),
         workers=kw.pop("http_workers"),
         client_processes=kw.pop("http_client_processes"),
@@ -813,6 +822,22 @@ def bench(export_dir: str, **kw: Any) -> None:
         click.echo(format_regressions(regressions, tol))
         if regressions:
             sys.exit(1)
+
+
+def _check_bench_out(out: str, export_dir: str, teacher: str | None) -> None:
+    """``bench --out``: the rules :func:`~abkd_deploy.serve.bench.write_report` applies,
+    checked up front (the directories benchmarked: the export and its run/teacher dir)."""
+    from abkd_deploy.serve.report_path import check_report_path
+
+    run_dir = teacher
+    if run_dir is None:
+        try:
+            from abkd_deploy.serve.manifest import load_manifest
+
+            run_dir = load_manifest(export_dir).get("provenance", {}).get("run_dir")
+        except AbkdError:  # a bad export dir: bench itself says what is wrong with it
+            run_dir = None
+    check_report_path(out, (export_dir, run_dir))
 
 
 if __name__ == "__main__":  # pragma: no cover

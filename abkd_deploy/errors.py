@@ -34,6 +34,34 @@ class ValidationError(ExportError):
     """An exported artifact disagrees with the PyTorch model beyond the tolerance."""
 
 
+class OutputNamesMismatch(ValidationError):
+    """The outputs an artifact declares are not the expected names (missing, extra, order)."""
+
+
+class OutputCountMismatch(ValidationError):
+    """An artifact returned more or fewer outputs than expected."""
+
+
+class OutputShapeMismatch(ValidationError):
+    """An artifact output has another shape than the PyTorch model's."""
+
+
+class ValuesMismatch(ValidationError):
+    """An artifact output differs from the PyTorch model's by more than ``atol``."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of ``exc``'s message, or its type name when it has none.
+
+    How a foreign exception (onnxruntime, safetensors, torch.export) is quoted in a
+    one-line error.
+    """
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
 class DeviceError(AbkdError):
     """The requested device / execution provider is not usable."""
 

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from abkd_deploy import __version__
-from abkd_deploy.errors import AbkdError
+from abkd_deploy.errors import AbkdError, first_line
 from abkd_deploy.utils import sha256_file
 
 MANIFEST_VERSION = 1
@@ -208,7 +208,7 @@ def check_model(manifest: dict[str, Any], model_path: str | Path) -> None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ManifestError(f"cannot read the ONNX model {path}: {first}") from None
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
@@ -243,7 +243,7 @@ def _first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | N
                 return found
         return None
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             found = _first_difference(x, y, f"{key}[{i}]")
             if found is not None:
                 return found

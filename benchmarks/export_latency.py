@@ -174,7 +174,7 @@ def bench_arch(args, data, csr: CSR, arch: str, workdir: Path, threads: int) -> 
         batches = [sampler.sample(t) for t in targets]
         sample_ms = (time.perf_counter() - t0) * 1e3 / len(batches)
         inputs = [flat_inputs(data.x[b.n_id], b.blocks, gcn) for b in batches]
-        feeds = [{n: t.numpy() for n, t in zip(names, inp)} for inp in inputs]
+        feeds = [{n: t.numpy() for n, t in zip(names, inp, strict=True)} for inp in inputs]
 
         def eager(i: int, batches=batches, inputs=inputs) -> None:
             j = i % len(batches)
@@ -208,7 +208,7 @@ def bench_arch(args, data, csr: CSR, arch: str, workdir: Path, threads: int) -> 
     # full graph: exact tables (K = max degree)
     exact = NeighborSampler(csr, [max(1, csr.max_degree)] * 2, student.norm, seed=0).tables
     blocks = [EllBlock.full_graph(t, student.norm) for t in exact]
-    feed = {n: t.numpy() for n, t in zip(names, flat_inputs(data.x, blocks, gcn))}
+    feed = {n: t.numpy() for n, t in zip(names, flat_inputs(data.x, blocks, gcn), strict=True)}
     sparse = FullGraph(csr, student.norm)
 
     def eager_sparse(_i: int) -> None:

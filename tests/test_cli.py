@@ -56,6 +56,29 @@ def test_teacher_writes_run_dir(runner, tmp_path):
     assert json.loads((out / "teacher.json").read_text())["dataset"]["name"] == TINY
 
 
+@pytest.mark.parametrize("command", ["teacher", "distill", "compare"])
+def test_force_replaces_a_run_dir_this_tool_wrote(runner, tmp_path, command):
+    out = tmp_path / command
+    args = [command, "--dataset", TINY, "--epochs", "3", "--device", "cpu", "--out", str(out)]
+    if command == "teacher":
+        args += ["--arch", "gcn", "--layers", "2", "--hidden", "8"]
+    else:
+        args += ["--teacher-arch", "gcn", "--teacher-layers", "2", "--teacher-hidden", "8"]
+        args += ["--methods", "kd"] if command == "compare" else ["--method", "kd"]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    before = (out / "run.json").read_text()
+    again = runner.invoke(main, args)
+    assert again.exit_code == 2 and "--force" in again.output  # refused without it
+    assert (out / "run.json").read_text() == before
+    forced = runner.invoke(main, [*args, "--force", "--seed", "1"])
+    assert forced.exit_code == 0, forced.output
+    assert (out / "run.json").read_text() != before  # a new run took its place
+    (out / "mine.txt").write_text("not the tool's")  # a foreign file: never replaced
+    refused = runner.invoke(main, [*args, "--force"])
+    assert refused.exit_code == 2 and (out / "mine.txt").is_file()
+
+
 def test_unknown_dataset_exit_2_lists_known(runner, tmp_path):
     result = runner.invoke(main, ["teacher", "--dataset", "imagenet", "--out", str(tmp_path)])
     assert result.exit_code == 2
@@ -210,3 +233,43 @@ def test_readme_main_command_is_one_line_the_cli_accepts():
         command = main.get_command(None, name)
         ctx = command.make_context(name, list(args))  # raises on an unknown option
         assert ctx.params.get("out") or ctx.params.get("out_dir")  # each step writes somewhere
+        if name in ("distill", "export"):  # re-runnable in the same clone
+            assert ctx.params["force"] is True, name
+
+
+def test_kd_options_come_from_the_spec_fields():
+    """One declaration: every ``cli`` field of the specs is an option, parsed into the spec."""
+    import dataclasses
+
+    from abkd_deploy.cli import _distill_specs
+    from abkd_deploy.distill.specs import KDSpec, StudentSpec, TeacherSpec
+
+    for name in ("distill", "compare"):
+        opts = {o for p in main.get_command(None, name).params for o in p.opts}
+        for spec in (TeacherSpec, StudentSpec, KDSpec):
+            for f in dataclasses.fields(spec):
+                if f.metadata.get("cli"):
+                    assert f.metadata["cli"].split("/")[0] in opts, (name, f.name)
+    args = ["--abkd-dissimilarity", "similarity", "--kd-nodes", "7", "--no-normalize"]
+    args += ["--tau", "2", "--teacher", "t", "--student-hidden", "5", "--teacher-lr", "0.5"]
+    ctx = main.get_command(None, "distill").make_context("distill", args)
+    params = dict(ctx.params)
+    params.pop("method"), params.pop("out")
+    specs = _distill_specs(params)
+    assert specs["kd"] == KDSpec(dissimilarity="similarity", kd_nodes=7, normalize=False, tau=2)
+    assert specs["teacher"] == TeacherSpec(path="t")
+    assert specs["student"] == StudentSpec(hidden=5)
+    assert specs["train"].teacher_lr == 0.5 and specs["force"] is False
+    assert not params  # every option was consumed
+
+
+def test_kd_term_options_are_routed_to_their_method_only():
+    from abkd_deploy.distill.specs import KDSpec
+
+    assert KDSpec(method="kd", kd_nodes=5).term_options() == {}
+    assert KDSpec(kd_nodes=5).term_options() == {"dissimilarity": "feature", "kd_nodes": 5}
+    assert KDSpec(options={"kd_nodes": 9, "attention": "uniform"}).term_options() == {
+        "kd_nodes": 9,
+        "attention": "uniform",
+        "dissimilarity": "feature",
+    }

@@ -39,7 +39,7 @@ import torch
 
 from abkd_deploy.data.registry import DATASETS, require_root
 from abkd_deploy.data.typed_graph import Relation, TypedGraph, check_name, relation_key
-from abkd_deploy.errors import ConfigError, DatasetError
+from abkd_deploy.errors import ConfigError, DatasetError, first_line
 
 _PARTS = (("train", "train_mask"), ("valid", "val_mask"), ("test", "test_mask"))
 _REQUIRED = (
@@ -129,7 +129,7 @@ def read_ogb_hetero(
     n = int(g["num_nodes_dict"][target])
     y = _labels(labels[target], n, directory / "raw/node-label" / target)
     masks = {}
-    for (part, key), idx in zip(_PARTS, parts):
+    for (part, key), idx in zip(_PARTS, parts, strict=True):
         masks[key] = _mask(np.asarray(idx[target]), n, split_dir / target / f"{part}.csv.gz")
     feats = g["node_feat_dict"] or {}
     labelled = y[y >= 0]
@@ -210,8 +210,8 @@ def _mask(idx: np.ndarray, n: int, path: Path) -> np.ndarray:
 
 
 def _describe(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text and text[0] else type(e).__name__
+    line, name = first_line(e), type(e).__name__
+    return name if line == name else f"{name}: {line}"
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
 from abkd_deploy.data.planetoid_raw import read_planetoid_data
 from abkd_deploy.data.registry import DATASETS, require_root
-from abkd_deploy.errors import ConfigError, DatasetError
+from abkd_deploy.errors import ConfigError, DatasetError, first_line
 from abkd_deploy.staging import current_umask
 
 PLANETOID_NAMES = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
@@ -160,7 +160,7 @@ def load_weights_only(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a cache file is untrusted input
         found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
-        reason = found.group(1) if found else (str(e).strip().splitlines() or [repr(e)])[0]
+        reason = found.group(1) if found else first_line(e)
         raise DatasetError(
             f"refusing to load dataset cache {path}: {reason.strip()} (delete it to rebuild)"
         ) from None

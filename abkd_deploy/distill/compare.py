@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from abkd_deploy.distill.objective import METHODS
-from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec, distill
-from abkd_deploy.distill.teacher import train_teacher
+from abkd_deploy.distill.run import distill
+from abkd_deploy.distill.specs import KDSpec, StudentSpec, TeacherSpec
+from abkd_deploy.distill.teacher import dataset_ref, resolve_teacher
 from abkd_deploy.distill.trainer import TrainConfig
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
@@ -47,20 +48,10 @@ def compare(
     check_out_dir(out, force, sources)
     with staged_directory(out, force, sources) as stage:
         record = teacher.path
-        if teacher.path is None:
-            train_teacher(
-                dataset,
-                root,
-                split,
-                teacher.arch,
-                teacher.layers,
-                teacher.hidden,
-                teacher.dropout,
-                replace(train, epochs=teacher.epochs or train.epochs, batch_size=0),
-                stage / "teacher",
-            )
-            teacher = replace(teacher, path=str(stage / "teacher"))
-            record = str(Path(out) / "teacher")
+        if teacher.path is None:  # trained once, published with the comparison
+            src = resolve_teacher(teacher, dataset_ref(dataset, root, split), train, stage)
+            teacher = replace(teacher, path=str(src))
+            record = str(Path(out) / src.name)
         rows = []
         for method in methods:
             m = distill(

@@ -6,7 +6,7 @@ import copy
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ from abkd_deploy.data import load_dataset
 from abkd_deploy.data.graph import FullGraph
 from abkd_deploy.distill.evaluate import full_graph_outputs, split_scores
 from abkd_deploy.distill.losses import LayerDims
-from abkd_deploy.distill.objective import METHODS, Objective
-from abkd_deploy.distill.teacher import dataset_ref, train_teacher
+from abkd_deploy.distill.objective import METHODS
+from abkd_deploy.distill.specs import KDSpec, StudentSpec, TeacherSpec
+from abkd_deploy.distill.teacher import dataset_ref, resolve_teacher
 from abkd_deploy.distill.trainer import FitResult, TrainConfig, Trainer
 from abkd_deploy.errors import CheckpointError, ConfigError
 from abkd_deploy.models import GNN, MODELS, build_model, count_parameters, load_model, save_model
@@ -31,83 +32,43 @@ WORK_DIR = ".work"
 
 
 @dataclass
-class StudentSpec:
-    """Student architecture."""
+class SeedResult:
+    """One seed's training: the student, its fit, attention and the teacher it ends with."""
 
-    arch: str = "gcn"
-    layers: int = 2
-    hidden: int = 8
-    dropout: float = 0.5
+    seed: int
+    model: GNN
+    fit: FitResult
+    #: ABKD's learned attention matrix (student layers x teacher layers), if any.
+    attention: list[list[float]] | None
+    #: The teacher after training: the frozen one, or the fine-tuned copy in joint mode.
+    teacher: GNN
 
-
-@dataclass
-class TeacherSpec:
-    """Teacher to load (``path``) or to train first (the other fields)."""
-
-    path: str | None = None
-    arch: str = "gcnii"
-    layers: int = 16
-    hidden: int = 64
-    dropout: float | None = None
-    epochs: int | None = None
+    @property
+    def val_score(self) -> float:
+        """Validation score at the best epoch (what picks the saved seed)."""
+        return self.fit.scores["val"]
 
 
 @dataclass
-class KDSpec:
-    """Distillation method and its hyper-parameters (docs/ARCHITECTURE.md section 6)."""
+class RunRecord:
+    """What a distill run writes into its directory (the inputs of :func:`_write_run`)."""
 
-    method: str = "abkd"
-    alpha: float = 0.7
-    tau: float = 4.0
-    beta: float = 1.0
-    dissimilarity: str = "feature"
-    kd_nodes: int | None = None
-    #: None: the objective's default (20 epochs for abkd, else 0).
-    warmup_epochs: int | None = None
-    normalize: bool | None = None
-    teacher_mode: str = "frozen"
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def objective(self, dims: LayerDims) -> Objective:
-        opts = dict(self.options)
-        if self.method == "abkd":
-            opts.setdefault("dissimilarity", self.dissimilarity)
-            if self.kd_nodes is not None:
-                opts.setdefault("kd_nodes", self.kd_nodes)
-        return Objective.from_method(
-            self.method,
-            dims,
-            alpha=self.alpha,
-            tau=self.tau,
-            beta=self.beta,
-            normalize=self.normalize,
-            warmup_epochs=self.warmup_epochs,
-            **opts,
-        )
+    dataset: dict[str, Any]
+    teacher: TeacherSpec  # as recorded (compare records the published teacher path)
+    student: StudentSpec
+    kd: KDSpec
+    train: TrainConfig
+    seeds: int
+    teacher_src: Path
+    best: SeedResult
+    metrics: dict[str, Any]
 
 
 def prepare_teacher(
     spec: TeacherSpec, data: Data, dataset: dict[str, Any], train: TrainConfig, workdir: Path
 ) -> tuple[GNN, Path]:
-    """Loads the teacher of ``spec.path`` (checked against ``data``) or trains one."""
-    if spec.path is None:
-        teacher_train = replace(train, epochs=spec.epochs or train.epochs, batch_size=0)
-        train_teacher(
-            dataset["name"],
-            dataset["root"],
-            dataset["split"],
-            spec.arch,
-            spec.layers,
-            spec.hidden,
-            spec.dropout,
-            teacher_train,
-            workdir / "teacher",
-        )
-        src = workdir / "teacher"
-    else:
-        src = Path(spec.path)
-        if not src.is_dir():
-            raise CheckpointError(f"--teacher {spec.path!r} is not a directory")
+    """Loads the teacher ``spec`` names (trained first if needed), checked against ``data``."""
+    src = resolve_teacher(spec, dataset, train, workdir)
     teacher, _ = load_model(src, "teacher")
     if teacher.in_channels != data.num_features or teacher.out_channels != data.num_classes:
         raise CheckpointError(
@@ -172,30 +133,28 @@ def distill(
             _one_seed(data, teacher_model, student, kd, replace(train, seed=train.seed + s))
             for s in range(seeds)
         ]
-        best = max(runs, key=lambda r: r["result"].scores["val"])
-        metrics = _metrics(ref, data, kd, teacher_model, t_scores, best["model"], runs, start)
+        best = max(runs, key=lambda r: r.val_score)
         recorded = teacher if teacher_record is None else replace(teacher, path=teacher_record)
-        _write_run(
-            stage,
-            teacher_src,
-            best,
-            metrics,
-            ref,
-            student,
-            recorded,
-            kd,
-            train,
-            seeds,
-            teacher_model if kd.teacher_mode == "joint" else None,
+        record = RunRecord(
+            dataset=ref,
+            teacher=recorded,
+            student=student,
+            kd=kd,
+            train=train,
+            seeds=seeds,
+            teacher_src=teacher_src,
+            best=best,
+            metrics=_metrics(ref, data.metric, kd.method, teacher_model, t_scores, runs, start),
         )
+        _write_run(stage, record)
         shutil.rmtree(work, ignore_errors=True)
         write_run_record(stage, "distill")
-    return metrics
+    return record.metrics
 
 
 def _one_seed(
     data: Data, teacher: GNN, spec: StudentSpec, kd: KDSpec, train: TrainConfig
-) -> dict[str, Any]:
+) -> SeedResult:
     seed_everything(train.seed)
     model = build_model(
         spec.arch,
@@ -223,32 +182,36 @@ def _one_seed(
     attention = None
     if objective is not None and objective.attention() is not None:
         attention = objective.attention().cpu().tolist()
-    return {
-        "seed": train.seed,
-        "model": model.cpu(),
-        "result": result,
-        "attention": attention,
-        "teacher": t.cpu(),
-    }
+    return SeedResult(train.seed, model.cpu(), result, attention, t.cpu())
 
 
-def _metrics(ref, data, kd, teacher, t_scores, student, runs, start) -> dict[str, Any]:
-    tests = [r["result"].scores["test"] for r in runs]
-    t_params, s_params = count_parameters(teacher), count_parameters(student)
+def _metrics(
+    ref: dict[str, Any],
+    metric: str,
+    method: str,
+    teacher: GNN,
+    t_scores: dict[str, float],
+    runs: list[SeedResult],
+    start: float,
+) -> dict[str, Any]:
+    """``metrics.json`` of a run (the saved student is the best seed by validation)."""
+    best = max(runs, key=lambda r: r.val_score)
+    tests = [r.fit.scores["test"] for r in runs]
+    t_params, s_params = count_parameters(teacher), count_parameters(best.model)
     per_seed = [
         {
-            "seed": r["seed"],
-            **{f"{k}_acc": v for k, v in r["result"].scores.items()},
-            "best_epoch": r["result"].best_epoch,
-            "seconds_per_epoch": r["result"].seconds_per_epoch,
+            "seed": r.seed,
+            **{f"{k}_acc": v for k, v in r.fit.scores.items()},
+            "best_epoch": r.fit.best_epoch,
+            "seconds_per_epoch": r.fit.seconds_per_epoch,
         }
         for r in runs
     ]
     return {
         "dataset": ref,
-        "metric": data.metric,
-        "method": kd.method,
-        "seeds": [r["seed"] for r in runs],
+        "metric": metric,
+        "method": method,
+        "seeds": [r.seed for r in runs],
         "teacher": {
             "arch": teacher.arch,
             "params": t_params,
@@ -256,71 +219,60 @@ def _metrics(ref, data, kd, teacher, t_scores, student, runs, start) -> dict[str
             "val_acc": t_scores["val"],
         },
         "student": {
-            "arch": student.arch,
+            "arch": best.model.arch,
             "params": s_params,
             "test_acc": statistics.fmean(tests),
             "test_acc_std": statistics.pstdev(tests) if len(tests) > 1 else 0.0,
-            "val_acc": statistics.fmean(r["result"].scores["val"] for r in runs),
-            "saved_seed": max(runs, key=lambda r: r["result"].scores["val"])["seed"],
+            "val_acc": statistics.fmean(r.val_score for r in runs),
+            "saved_seed": best.seed,
         },
         "compression_ratio": t_params / s_params,
-        "seconds_per_epoch": statistics.fmean(r["result"].seconds_per_epoch for r in runs),
+        "seconds_per_epoch": statistics.fmean(r.fit.seconds_per_epoch for r in runs),
         "per_seed": per_seed,
         "seconds": time.perf_counter() - start,
     }
 
 
-def _write_run(
-    out: Path,
-    teacher_src: Path,
-    best: dict[str, Any],
-    metrics: dict[str, Any],
-    ref,
-    student,
-    teacher,
-    kd,
-    train,
-    seeds,
-    tuned_teacher: GNN | None,
-) -> None:
+def _write_run(out: Path, run: RunRecord) -> None:
     """Writes the run's files into ``out`` (the staging directory)."""
-    if tuned_teacher is not None:  # joint mode: the fine-tuned teacher of the saved seed
-        save_model(best["teacher"], out, "teacher", extra={"dataset": ref})
+    best, metrics, ref, kd = run.best, run.metrics, run.dataset, run.kd
+    if kd.teacher_mode == "joint":  # the fine-tuned teacher of the saved seed
+        save_model(best.teacher, out, "teacher", extra={"dataset": ref})
     else:
         for name in ("teacher.safetensors", "teacher.json"):
-            shutil.copyfile(teacher_src / name, out / name)
+            shutil.copyfile(run.teacher_src / name, out / name)
     teacher_info = {
-        "source": teacher.path if teacher.path else "trained by this run",
+        "source": run.teacher.path if run.teacher.path else "trained by this run",
         "sha256": sha256_file(out / "teacher.safetensors"),
     }
     save_model(
-        best["model"],
+        best.model,
         out,
         "student",
         extra={"dataset": ref, "teacher": teacher_info, "method": kd.method},
     )
-    if best["attention"] is not None:
+    if best.attention is not None:
         write_json(
             out / "attention.json",
             {
                 "rows": "student layers",
                 "columns": "teacher layers",
-                "matrix": best["attention"],
-                "seed": best["seed"],
+                "matrix": best.attention,
+                "seed": best.seed,
             },
         )
         plot_attention(
-            best["attention"],
+            best.attention,
             out / "attention.png",
             f"ABKD attention ({metrics['student']['arch']} <- {metrics['teacher']['arch']})",
         )
-        metrics["attention"] = best["attention"]
+        metrics["attention"] = best.attention
     plot_curves(
-        best["result"].history,
+        best.fit.history,
         out / "curves.png",
-        f"{kd.method}: {metrics['student']['arch']} student, seed {best['seed']}",
+        f"{kd.method}: {metrics['student']['arch']} student, seed {best.seed}",
     )
-    write_json(out / "history.json", best["result"].history)
+    write_json(out / "history.json", best.fit.history)
     hashes = checkpoint_hashes(out, ("student.safetensors", "teacher.safetensors"))
     metrics["checkpoints"] = hashes
     write_json(
@@ -328,15 +280,24 @@ def _write_run(
         {
             "command": "distill",
             "dataset": ref,
-            "teacher": asdict(teacher),
-            "student": asdict(student),
+            "teacher": asdict(run.teacher),
+            "student": asdict(run.student),
             "kd": asdict(kd),
-            "train": asdict(train),
-            "seeds": seeds,
+            "train": asdict(run.train),
+            "seeds": run.seeds,
             "checkpoints": hashes,
         },
     )
     write_json(out / "metrics.json", metrics)
 
 
-__all__ = ["FitResult", "KDSpec", "StudentSpec", "TeacherSpec", "distill", "prepare_teacher"]
+__all__ = [
+    "FitResult",
+    "KDSpec",
+    "RunRecord",
+    "SeedResult",
+    "StudentSpec",
+    "TeacherSpec",
+    "distill",
+    "prepare_teacher",
+]

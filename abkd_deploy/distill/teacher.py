@@ -1,16 +1,16 @@
-"""``abkd-deploy teacher``: train a teacher GNN and write a run directory."""
+"""Train a teacher GNN into a run directory; resolve a :class:`TeacherSpec` to one."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import click
-
 from abkd_deploy.data import load_dataset
+from abkd_deploy.distill.specs import TeacherSpec
 from abkd_deploy.distill.trainer import TrainConfig, Trainer
-from abkd_deploy.errors import ConfigError
+from abkd_deploy.errors import CheckpointError
 from abkd_deploy.models import build_model, count_parameters, save_model
 from abkd_deploy.plots import plot_curves
 from abkd_deploy.rundir import checkpoint_hashes
@@ -101,38 +101,38 @@ def train_teacher(
     return metrics
 
 
-def parse_int_list(value: str, what: str) -> tuple[int, ...]:
-    """``"10,10"`` -> ``(10, 10)`` with a clear error."""
-    try:
-        out = tuple(int(v) for v in str(value).split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"bad {what} {value!r}; expected comma-separated integers") from None
-    if not out:
-        raise ConfigError(f"bad {what} {value!r}; expected comma-separated integers")
-    return out
+def resolve_teacher(
+    spec: TeacherSpec, dataset: dict[str, Any], train: TrainConfig, workdir: Path
+) -> Path:
+    """The run dir of the teacher ``spec`` names: ``spec.path``, or one trained now.
 
+    The one train-or-load path of ``distill`` and ``compare``. Without ``spec.path`` a
+    teacher is trained full-batch (``spec.epochs``, default ``train.epochs``) into
+    ``workdir/teacher``.
 
-def train_config_from_cli(kw: dict[str, Any]) -> TrainConfig:
-    """Pops the shared training options of the CLI into a :class:`TrainConfig`."""
-    return TrainConfig(
-        epochs=kw.pop("epochs"),
-        patience=kw.pop("patience"),
-        lr=kw.pop("lr"),
-        weight_decay=kw.pop("weight_decay"),
-        batch_size=kw.pop("batch_size"),
-        fanouts=parse_int_list(kw.pop("fanouts"), "--fanouts"),
-        device=kw.pop("device"),
-        seed=kw.pop("seed"),
+    Args:
+        spec: The teacher to load or train.
+        dataset: The run's dataset record (:func:`dataset_ref`).
+        train: The run's training settings.
+        workdir: Where a trained teacher is written (inside the caller's staging dir).
+
+    Raises:
+        CheckpointError: ``spec.path`` is not a directory.
+    """
+    if spec.path is not None:
+        src = Path(spec.path)
+        if not src.is_dir():
+            raise CheckpointError(f"--teacher {spec.path!r} is not a directory")
+        return src
+    train_teacher(
+        dataset["name"],
+        dataset["root"],
+        dataset["split"],
+        spec.arch,
+        spec.layers,
+        spec.hidden,
+        spec.dropout,
+        replace(train, epochs=spec.epochs or train.epochs, batch_size=0),
+        workdir / "teacher",
     )
-
-
-def train_teacher_cli(**kw: Any) -> None:
-    """Body of ``abkd-deploy teacher``."""
-    train = train_config_from_cli(kw)
-    metrics = train_teacher(train=train, **kw)
-    click.echo(
-        f"teacher {metrics['arch']}: {metrics['params']:,} params, "
-        f"val {metrics['metric']} {metrics['val_acc']:.4f}, "
-        f"test {metrics['metric']} {metrics['test_acc']:.4f} "
-        f"(best epoch {metrics['best_epoch']}, {metrics['seconds']:.1f} s) -> {kw['out']}"
-    )
+    return workdir / "teacher"

@@ -1,9 +1,10 @@
 """Training loop shared by teacher training and distillation.
 
-Full batch for graphs that fit, or fixed-fanout mini-batches (KD terms on the sampled
-target nodes); early stopping on the validation score; AMP (bfloat16 autocast) on CUDA;
-deterministic for a given seed on CPU. A frozen teacher's outputs are computed once and
-cached (no repeated teacher forward passes).
+Homogeneous and typed graphs alike (:class:`~abkd_deploy.distill.graphs.GraphView`: rows
+are the target nodes). Full batch for graphs that fit, or fixed-fanout mini-batches (KD
+terms on the sampled target nodes); early stopping on the validation score; AMP (bfloat16
+autocast) on CUDA; deterministic for a given seed on CPU. A frozen teacher's outputs are
+computed once and cached (no repeated teacher forward passes).
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.data import Data
 
-from abkd_deploy.data.csr import CSR
-from abkd_deploy.data.graph import FullGraph
-from abkd_deploy.data.sampler import NeighborSampler
 from abkd_deploy.distill.evaluate import full_graph_outputs, split_scores
+from abkd_deploy.distill.graphs import GraphView
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.models.base import GNN
 from abkd_deploy.progress import Progress
@@ -70,7 +69,8 @@ class Trainer:
 
     Args:
         model: The model to train (the student, or the teacher when training one).
-        data: Dataset following :func:`abkd_deploy.data.load_dataset`'s contract.
+        data: Dataset following :func:`abkd_deploy.data.load_dataset`'s contract
+            (homogeneous ``Data`` or ``TypedGraph``; the models must match it).
         cfg: Optimisation settings.
         objective: A :class:`abkd_deploy.distill.objective.Objective`; ``None`` = CE only.
         teacher: Teacher model for distillation.
@@ -100,18 +100,23 @@ class Trainer:
         self.model, self.teacher = model, teacher
         self.objective, self.joint = objective, teacher_mode == "joint"
         self.amp = cfg.amp and self.device.type == "cuda"
-        self.csr = CSR.from_edge_index(data.edge_index, data.num_nodes)
-        self.x = data.x.to(self.device)
+        self.view = GraphView(data, self.device)
+        for role, m in (("model", model), ("teacher", teacher)):
+            if m is not None and bool(getattr(m, "typed", False)) != self.view.typed:
+                kind = "a typed" if self.view.typed else "a homogeneous"
+                raise ConfigError(f"{role} {m.arch!r} cannot train on {kind} graph")
+        lsp = objective is not None and "lsp" in getattr(objective, "terms", {})
+        if lsp and not self.view.has_target_edges():
+            raise ConfigError(
+                f"lsp needs edges between {data.target} nodes, but no relation of "
+                f"{data.name or 'this graph'} joins {data.target} to {data.target}"
+            )
         self.y = data.y.to(self.device)
         self.train_mask = data.train_mask.to(self.device)
-        self.edge_index = data.edge_index.to(self.device)
-        self._graphs: dict[str, FullGraph] = {}
 
-    def graph(self, norm: str) -> FullGraph:
-        """Cached whole-graph operand for ``norm`` on the training device."""
-        if norm not in self._graphs:
-            self._graphs[norm] = FullGraph(self.csr, norm).to(self.device)
-        return self._graphs[norm]
+    def outputs(self, model: GNN) -> tuple[Tensor, list[Tensor]]:
+        """Whole-graph ``(logits, hiddens)`` of ``model`` on the target rows (its mode as is)."""
+        return model(*self.view.full(model))
 
     def fit(self) -> FitResult:
         """Trains with early stopping; leaves the best weights loaded in the model(s)."""
@@ -138,7 +143,7 @@ class Trainer:
         sampler = None
         if self.cfg.batch_size:
             fanouts = _fit_fanouts(self.cfg.fanouts, model.num_layers)
-            sampler = NeighborSampler(self.csr, fanouts, model.norm, seed=self.cfg.seed)
+            sampler = self.view.sampler(fanouts, model.norm, seed=self.cfg.seed)
 
         best = (-float("inf"), 0, None, None)
         history: list[dict[str, float]] = []
@@ -156,9 +161,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_seconds += time.perf_counter() - start
-            scores = split_scores(
-                self.data, full_graph_outputs(model, self.x, self.graph(model.norm))[0]
-            )
+            scores = split_scores(self.data, full_graph_outputs(model, *self.view.full(model))[0])
             history.append({"epoch": epoch, **{f"loss/{k}": v for k, v in terms.items()}, **scores})
             bar.update({**terms, "val": scores["val"]})
             if scores["val"] > best[0]:
@@ -187,25 +190,31 @@ class Trainer:
 
     @torch.no_grad()
     def _teacher_outputs(self) -> tuple[Tensor, list[Tensor]]:
-        logits, hiddens = full_graph_outputs(self.teacher, self.x, self.graph(self.teacher.norm))
+        logits, hiddens = full_graph_outputs(self.teacher, *self.view.full(self.teacher))
         return logits.float(), [h.float() for h in hiddens]
 
     def _full_batch_step(self, optim, cache) -> dict[str, float]:
         self.model.train()
         optim.zero_grad(set_to_none=True)
         with self._autocast():
-            logits, hiddens = self.model(self.x, self.graph(self.model.norm))
+            logits, hiddens = self.outputs(self.model)
             if self.objective is None:
                 loss = F.cross_entropy(logits[self.train_mask].float(), self.y[self.train_mask])
                 terms = {"ce": loss.item()}
             else:
                 if self.joint:
                     self.teacher.train()
-                    t_logits, t_hiddens = self.teacher(self.x, self.graph(self.teacher.norm))
+                    t_logits, t_hiddens = self.outputs(self.teacher)
                 else:
                     t_logits, t_hiddens = cache
                 loss, terms = self._kd_loss(
-                    logits, hiddens, t_logits, t_hiddens, self.y, self.train_mask, self.edge_index
+                    logits,
+                    hiddens,
+                    t_logits,
+                    t_hiddens,
+                    self.y,
+                    self.train_mask,
+                    self.view.target_edges(),
                 )
                 if self.joint:
                     t_ce = F.cross_entropy(
@@ -217,23 +226,19 @@ class Trainer:
         optim.step()
         return terms
 
-    def _mini_batch_epoch(
-        self, optim, cache, sampler: NeighborSampler, epoch: int
-    ) -> dict[str, float]:
+    def _mini_batch_epoch(self, optim, cache, sampler, epoch: int) -> dict[str, float]:
         self.model.train()
-        nodes = torch.arange(self.data.num_nodes)
+        nodes = torch.arange(self.view.num_targets)
         if self.objective is None:  # plain training only needs labelled targets
             nodes = nodes[self.data.train_mask]
         gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
         totals: dict[str, float] = {}
         steps = 0
         for batch in sampler.batches(nodes, self.cfg.batch_size, generator=gen):
-            n_id = batch.n_id.to(self.device)
-            targets = n_id[: batch.batch_size]
-            blocks = [b.to(self.device) for b in batch.blocks]
+            inputs, blocks, targets, edges = self.view.batch(batch, self.model)
             optim.zero_grad(set_to_none=True)
             with self._autocast():
-                logits, hiddens = self.model(self.x[n_id], blocks)
+                logits, hiddens = self.model(inputs, blocks)
                 hiddens = [h[: batch.batch_size] for h in hiddens]
                 y, mask = self.y[targets], self.train_mask[targets]
                 if self.objective is None:
@@ -248,7 +253,7 @@ class Trainer:
                         [h[targets] for h in t_hiddens],
                         y,
                         mask,
-                        batch.target_edges().to(self.device),
+                        edges,
                     )
             loss.backward()
             optim.step()

@@ -1,11 +1,17 @@
-"""Static sparse adjacency formats (``ell``, ``embedded``, ``coo``) by name.
+"""Adjacency formats by name: the protocol, the registry and what every format shares.
 
-Each format builds, from an :class:`ExportContext` (student, dataset, fanout tables),
-an :class:`ExportSpec`: the export-form module, example inputs for tracing (sizes
-chosen so no dimension is 0, 1 or equal to another), named input/output specs with
-symbolic dims, the input sets used for validation (other sizes than the traced one,
-duplicate ids, a batch of 1) and how to get the artifact's logits on the evaluated
-test nodes. The wire contract is docs/FORMATS.md.
+An adjacency format (``--adjacency``) decides what the artifact takes as its graph. From an
+:class:`ExportContext` (student, dataset, fanout tables) it builds an :class:`ExportSpec`:
+the export-form module, example inputs for tracing (sizes chosen so no dimension is 0, 1
+or equal to another), named input/output specs with symbolic dims, the input sets used for
+validation (other sizes than the traced one, duplicate ids, a batch of 1) and how to get
+the artifact's logits on the evaluated test nodes. Its :class:`AdjacencyFormat` entry
+declares what the pipeline needs to know without asking for its name: the default fanout,
+whether it sees the exact graph, whether its graph must be gather-only, the opset it
+needs, the dtypes it refuses, and what it records in the manifest.
+
+One module per format registers itself (``ell_adjacency``, ``embedded_adjacency``,
+``coo_adjacency``; docs/ARCHITECTURE.md section 4). The wire contract is docs/FORMATS.md.
 """
 
 from __future__ import annotations
@@ -18,21 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.export import Dim
 from torch_geometric.data import Data
 
 from abkd_deploy.data.csr import CSR
 from abkd_deploy.data.ell import FanoutTable
 from abkd_deploy.data.sampler import NeighborSampler
-from abkd_deploy.export.fold import fold_input_transform
 from abkd_deploy.export.formats import Runner, as_numpy_outputs
-from abkd_deploy.export.modules import (
-    TABLE_FIRST_ARCHS,
-    CooStudent,
-    EllStudent,
-    EmbeddedStudent,
-)
-from abkd_deploy.export.precompute import can_precompute, precompute_student
+from abkd_deploy.export.options import MIN_OPSET, parse_fanouts
 from abkd_deploy.models.base import GNN
 from abkd_deploy.registry import Registry
 
@@ -113,16 +111,74 @@ class ExportSpec:
     reference: nn.Module | None = None
 
 
+def accepts_every_dtype(dtype: str, arch: str) -> str | None:
+    """Default :attr:`AdjacencyFormat.refuse_dtype`: nothing is refused."""
+    return None
+
+
 @dataclass(frozen=True)
 class AdjacencyFormat:
-    """A registered adjacency format: its default fanout and its spec builder."""
+    """A registered adjacency format: its capabilities and its spec builder.
+
+    Attributes:
+        name: Registry name (``--adjacency``).
+        build: ``ExportContext -> ExportSpec``.
+        default_fanout: Fanout when none is given (``"max"``: every neighbour).
+        exact_graph: The artifact takes the whole graph as it is (``coo``): the fanouts
+            are always the maximum degree whatever is asked, the manifest records no
+            fanouts and no sampling seed, and the PyTorch reference runs on the exact
+            graph.
+        gather_only: The export graph must use no Scatter op (artifact formats that can
+            list their ops, ONNX, refuse one); formats that scatter set ``False``.
+        min_opset: Lowest ONNX opset the form needs; ``opset_reason`` says why.
+        refuse_dtype: ``(dtype, arch) -> reason`` when the form cannot be exported in
+            ``dtype`` for that architecture, else ``None``.
+    """
 
     name: str
-    default_fanout: str | int
     build: Callable[[ExportContext], ExportSpec]
+    default_fanout: str | int = "max"
+    exact_graph: bool = False
+    gather_only: bool = True
+    min_opset: int = MIN_OPSET
+    opset_reason: str = ""
+    refuse_dtype: Callable[[str, str], str | None] = accepts_every_dtype
+
+    def fanouts(
+        self, requested: str | int | Sequence[int | str] | None, num_layers: int, max_degree: int
+    ) -> list[int]:
+        """``K_l`` per layer for ``requested`` (``None``: :attr:`default_fanout`).
+
+        Raises:
+            ConfigError: a bad fanout value or count (checked even for exact formats).
+        """
+        value = self.default_fanout if requested is None else requested
+        ks = parse_fanouts(value, num_layers, max_degree)
+        return [max(1, max_degree)] * num_layers if self.exact_graph else ks
+
+    def manifest_entry(self, ctx: ExportContext, spec: ExportSpec) -> dict[str, Any]:
+        """The manifest's ``adjacency`` object: the common fields plus ``spec.params``."""
+        return {
+            "format": self.name,
+            "fanouts": None if self.exact_graph else ctx.fanouts,
+            "exact": all(k >= ctx.csr.max_degree for k in ctx.fanouts),
+            "sampling_seed": None if self.exact_graph else ctx.sampler.seed,
+            "norm": ctx.student.norm,
+            **spec.params,
+        }
 
 
 ADJACENCY: Registry[AdjacencyFormat] = Registry("adjacency format")
+
+
+def refuse_float16_gat(dtype: str, arch: str) -> str | None:
+    """``refuse_dtype`` of the padded forms: their GAT mask (-1e9) overflows float16."""
+    if dtype == "float16" and arch == "gat":
+        return (
+            "gat students cannot be exported as float16 in ell/embedded form (the attention "
+            "mask uses -1e9, which overflows float16); use --dtype float32"
+        )
+    return None
 
 
 def spec(name: str, dtype: str, shape: Sequence[int | str]) -> dict[str, Any]:
@@ -140,105 +196,9 @@ def module_runner(module: nn.Module) -> Runner:
     return run
 
 
-def _rows(ctx: ExportContext, n: int, gen: torch.Generator) -> Tensor:
-    """``n`` real feature rows (random nodes, with repeats)."""
+def feature_rows(ctx: ExportContext, n: int, gen: torch.Generator) -> Tensor:
+    """``[n, F]`` real feature rows (random nodes, with repeats)."""
     return ctx.data.x[torch.randint(0, ctx.data.num_nodes, (n,), generator=gen)].contiguous()
-
-
-# ----------------------------------------------------------------------------------- ell
-
-
-def _ell_block_inputs(ctx: ExportContext, targets: Tensor) -> tuple[Tensor, ...]:
-    batch = ctx.sampler.sample(targets)
-    flat = [ctx.data.x[batch.n_id].contiguous()]
-    for blk in batch.blocks:
-        flat += [blk.nbr.contiguous(), blk.weight.contiguous()]
-        if blk.self_weight is not None and ctx.student.norm == "gcn":
-            flat.append(blk.self_weight.reshape(-1).contiguous())
-    return tuple(flat)
-
-
-def _ell_random_inputs(
-    ctx: ExportContext, sizes: Sequence[int], ks: Sequence[int], gen: torch.Generator
-) -> tuple[Tensor, ...]:
-    """Random blocks: ids drawn with replacement (duplicates), ~20% padded slots, and
-    weights scaled like real normalised ones (each row sums to at most 1)."""
-    flat = [_rows(ctx, sizes[0], gen)]
-    for layer, k in enumerate(ks, start=1):
-        n, src = sizes[layer], sizes[layer - 1]
-        nbr = torch.randint(0, src, (n, k), generator=gen)
-        w = torch.rand(n, k, generator=gen) * (torch.rand(n, k, generator=gen) > 0.2)
-        flat += [nbr, w / (w.sum(1, keepdim=True) + 0.5)]
-        if ctx.student.norm == "gcn":
-            flat.append(torch.rand(n, generator=gen) / 2)
-    return tuple(flat)
-
-
-def build_ell(ctx: ExportContext) -> ExportSpec:
-    """``ell``: x and per-layer padded tables in, logits out."""
-    student, num_layers = ctx.student, ctx.student.num_layers
-    with_self = student.norm == "gcn"
-    names, inputs, shapes = ["x"], [spec("x", ctx.dtype, ["n0", student.in_channels])], []
-    shapes.append({0: Dim("n0", min=1)})
-    graph_shapes: list[dict[int, Any]] = []
-    for layer in range(1, num_layers + 1):
-        n, k = Dim(f"n{layer}", min=1), Dim(f"k{layer}", min=1)
-        names += [f"nbr_{layer}", f"weight_{layer}"]
-        inputs += [
-            spec(f"nbr_{layer}", "int64", [f"n{layer}", f"k{layer}"]),
-            spec(f"weight_{layer}", ctx.dtype, [f"n{layer}", f"k{layer}"]),
-        ]
-        graph_shapes += [{0: n, 1: k}, {0: n, 1: k}]
-        if with_self:
-            names.append(f"self_weight_{layer}")
-            inputs.append(spec(f"self_weight_{layer}", ctx.dtype, [f"n{layer}"]))
-            graph_shapes.append({0: n})
-    sizes = [5]
-    for _ in range(num_layers):
-        sizes.insert(0, 2 * sizes[0] + 1)
-    gen = ctx.generator()
-    example = _ell_random_inputs(ctx, sizes, [k + 1 for k in ctx.fanouts], gen)
-    n_nodes = ctx.data.num_nodes
-    one = torch.randint(0, n_nodes, (1,), generator=gen)
-    validation = [
-        ("sampled blocks, batch of 1", _ell_block_inputs(ctx, one)),
-        (
-            "random blocks with duplicate neighbour ids",
-            _ell_random_inputs(ctx, [4 * s + 3 for s in sizes], [k + 2 for k in ctx.fanouts], gen),
-        ),
-    ]
-    if n_nodes <= 50_000:
-        validation.append(("full graph", _ell_full_inputs(ctx)))
-    else:
-        big = ctx.batch_limit(1000)
-        targets = torch.randperm(n_nodes, generator=gen)[:big]
-        validation.append((f"sampled blocks, batch of {big}", _ell_block_inputs(ctx, targets)))
-
-    def logits(runner: Runner) -> np.ndarray:
-        return batched(ctx, lambda ids: runner(_ell_block_inputs(ctx, ids))[0])
-
-    return ExportSpec(
-        module=EllStudent(student),
-        example=example,
-        input_names=names,
-        output_names=["logits"],
-        inputs=inputs,
-        outputs=[spec("logits", ctx.dtype, [f"n{num_layers}", student.out_channels])],
-        dynamic_shapes=(shapes[0], tuple(graph_shapes)),
-        validation=validation,
-        logits=logits,
-        params={"input_layout": "prefix"},
-    )
-
-
-def _ell_full_inputs(ctx: ExportContext) -> tuple[Tensor, ...]:
-    flat = [ctx.data.x.contiguous()]
-    for table in ctx.tables:
-        w, sw = table.weights(ctx.student.norm)
-        flat += [table.nbr.contiguous(), w]
-        if ctx.student.norm == "gcn":
-            flat.append(sw)
-    return tuple(flat)
 
 
 def batched(ctx: ExportContext, fn: Callable[[Tensor], np.ndarray]) -> np.ndarray:
@@ -247,127 +207,8 @@ def batched(ctx: ExportContext, fn: Callable[[Tensor], np.ndarray]) -> np.ndarra
     return np.concatenate([fn(ids[i : i + step]) for i in range(0, ids.numel(), step)])
 
 
-# ------------------------------------------------------------------------------ embedded
-
-
-def build_embedded(ctx: ExportContext) -> ExportSpec:
-    """``embedded``: node ids in, (logits, embedding) out; features and tables baked in."""
-    student, n_nodes = ctx.student, ctx.data.num_nodes
-    index_dtype = torch.int32 if n_nodes < 2**31 - 1 else torch.int64
-    folded = fold_input_transform(student, ctx.data.x)
-    if folded is None:
-        module = EmbeddedStudent(student, ctx.data.x, ctx.tables, index_dtype=index_dtype)
-        features, layout = ctx.data.x, "raw"
-    else:
-        table_first = student.arch in TABLE_FIRST_ARCHS
-        module = EmbeddedStudent(
-            folded.model,
-            folded.features,
-            ctx.tables,
-            index_dtype=index_dtype,
-            dst_features=folded.dst_features,
-            table_first=table_first,
-        )
-        features, layout = folded.features, "first_linear_folded"
-    tree, precomputed = module, 0
-    if ctx.precompute and can_precompute(student):
-        module = precompute_student(student, ctx.data.x, ctx.tables, index_dtype)
-        features, layout = module.last.features, "precomputed"
-        precomputed = student.num_layers - 1
-    gen = ctx.generator()
-    example = (torch.randint(0, n_nodes, (11,), generator=gen),)
-    seven = torch.randint(0, n_nodes, (7,), generator=gen)
-    seven[1] = seven[4] = seven[0]
-    big = ctx.batch_limit(1000)
-    validation = [
-        ("batch of 1", (torch.randint(0, n_nodes, (1,), generator=gen),)),
-        ("batch of 7 with duplicate ids", (seven,)),
-        (f"batch of {big} with duplicate ids", (torch.randint(0, n_nodes, (big,), generator=gen),)),
-    ]
-    with torch.no_grad():
-        emb_dim = module(example[0])[1].size(1)
-
-    def logits(runner: Runner) -> np.ndarray:
-        return batched(ctx, lambda ids: runner((ids,))[0])
-
-    return ExportSpec(
-        module=module,
-        example=example,
-        input_names=["node_ids"],
-        output_names=["logits", "embedding"],
-        inputs=[spec("node_ids", "int64", ["batch"])],
-        outputs=[
-            spec("logits", ctx.dtype, ["batch", student.out_channels]),
-            spec("embedding", ctx.dtype, ["batch", emb_dim]),
-        ],
-        dynamic_shapes=({0: Dim("batch", min=1)},),
-        validation=validation,
-        logits=logits,
-        params={
-            "layout": "tree",
-            "index_dtype": str(index_dtype).removeprefix("torch."),
-            "features": layout,
-            "feature_width": int(features.size(1)),
-            "dst_features": module.dst_features is not None,
-            "first_layer": "table" if precomputed or module.table_first else "tree",
-            "precomputed_layers": precomputed,
-        },
-        reference=tree if precomputed else None,
-    )
-
-
-# ----------------------------------------------------------------------------------- coo
-
-
-def _random_graph(
-    ctx: ExportContext, n: int, e: int, gen: torch.Generator, duplicates: int = 0
-) -> tuple[Tensor, Tensor]:
-    src = torch.randint(0, n, (e,), generator=gen)
-    dst = (src + torch.randint(1, n, (e,), generator=gen)) % n  # never a self loop
-    ei = torch.stack([src, dst])
-    if duplicates:
-        ei = torch.cat([ei, ei[:, :duplicates]], 1)
-    return _rows(ctx, n, gen), ei.contiguous()
-
-
-def build_coo(ctx: ExportContext) -> ExportSpec:
-    """``coo``: x and edge_index in, logits out; exact (no fanout)."""
-    student, data = ctx.student, ctx.data
-    gen = ctx.generator()
-    example = _random_graph(ctx, 23, 61, gen)
-    validation = [
-        ("single node, no edge", (_rows(ctx, 1, gen), torch.zeros(2, 0, dtype=torch.long))),
-        ("random graph with duplicate edges", _random_graph(ctx, 57, 170, gen, duplicates=25)),
-    ]
-    if data.edge_index.size(1) <= 2_000_000:
-        validation.append(("full graph", (data.x, data.edge_index)))
-    else:
-        validation.append(("random graph, 20000 nodes", _random_graph(ctx, 20_000, 100_000, gen)))
-
-    def logits(runner: Runner) -> np.ndarray:
-        return runner((data.x, data.edge_index))[0][ctx.eval_ids.numpy()]
-
-    f, c = student.in_channels, student.out_channels
-    return ExportSpec(
-        module=CooStudent(student),
-        example=example,
-        input_names=["x", "edge_index"],
-        output_names=["logits"],
-        inputs=[
-            spec("x", ctx.dtype, ["num_nodes", f]),
-            spec("edge_index", "int64", [2, "num_edges"]),
-        ],
-        outputs=[spec("logits", ctx.dtype, ["num_nodes", c])],
-        dynamic_shapes=({0: Dim("num_nodes", min=1)}, {1: Dim("num_edges", min=0)}),
-        validation=validation,
-        logits=logits,
-        params={"normalisation": "computed inside (scatter-add)"},
-    )
-
-
-for _fmt in (
-    AdjacencyFormat("ell", "max", build_ell),
-    AdjacencyFormat("embedded", 10, build_embedded),
-    AdjacencyFormat("coo", "max", build_coo),
-):
-    ADJACENCY.register(_fmt.name)(_fmt)
+# Importing a format module registers it (one module per format); last, because each of
+# them imports the names above.
+import abkd_deploy.export.coo_adjacency  # noqa: E402
+import abkd_deploy.export.ell_adjacency  # noqa: E402
+import abkd_deploy.export.embedded_adjacency  # noqa: E402, F401

@@ -1,13 +1,19 @@
 """``abkd_deploy.export.export``: run dir -> validated export directory (the CLI's API).
 
-Steps: check the options; load the student and the dataset named in ``student.json``;
-draw the seeded fanout tables; build the adjacency format's export-form module; for
-every artifact format write the files into a temporary directory next to ``out_dir``,
-check them (``onnx.checker`` full check; no Scatter op in ``ell``/``embedded`` graphs),
-load them back and validate them against PyTorch (:mod:`abkd_deploy.export.validate`),
-and score them on the test split; then write the manifest and rename the temporary
-directory onto ``out_dir``. On any failure the temporary directory is removed: nothing
-is left on disk.
+The pipeline: check the options and what the adjacency and artifact formats accept; load
+the student and the dataset named in ``student.json``; draw the seeded fanout tables; build
+the adjacency format's export-form module; score the PyTorch student (the reference); for
+every artifact format write the files into a staging directory next to ``out_dir``, run the
+format's own checks (ONNX: ``onnx.checker``, no Scatter op in a gather-only form), load
+them back, validate them against PyTorch (:mod:`abkd_deploy.export.validate`) and score
+them on the test split; then build the manifest (:mod:`abkd_deploy.manifest`), let each
+format store what it keeps of it (ONNX metadata), hash the files and publish the directory
+by one rename (:mod:`abkd_deploy.staging`). On any failure the staging directory is
+removed: nothing is left on disk.
+
+The pipeline never asks for a format's name: what differs between formats is declared by
+their registry entries (:class:`~abkd_deploy.export.adjacency.AdjacencyFormat`,
+:class:`~abkd_deploy.export.formats.ArtifactFormat`).
 """
 
 from __future__ import annotations
@@ -16,42 +22,38 @@ import copy
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from abkd_deploy.data.csr import CSR
-from abkd_deploy.data.sampler import NeighborSampler
-from abkd_deploy.errors import ConfigError, ExportError
-from abkd_deploy.export.adjacency import ADJACENCY, ExportContext, ExportSpec
-from abkd_deploy.export.formats import DTYPES, ArtifactFormat, get_format
-from abkd_deploy.export.manifest import (
-    MANIFEST_NAME,
-    build_manifest,
-    file_entries,
-    provenance_from_run,
-)
+from abkd_deploy.export.adjacency import ADJACENCY, AdjacencyFormat, ExportContext, ExportSpec
+from abkd_deploy.export.formats import DTYPES, ArtifactFormat, runner_threads
+from abkd_deploy.export.manifest import provenance_from_run
 from abkd_deploy.export.options import (
     check_options,
     check_out_dir,
-    parse_fanouts,
+    check_supported,
     resolve_formats,
 )
 from abkd_deploy.export.reference import (
-    eval_ids,
-    exact_graph_score,
+    ReferenceScores,
+    export_context,
     load_run_dataset,
-    student_logits,
+    reference_scores,
 )
-from abkd_deploy.export.validate import validate_artifact
+from abkd_deploy.export.validate import RUNS, validate_artifact
+from abkd_deploy.manifest import MANIFEST_NAME, build_manifest, file_entries
 from abkd_deploy.metrics import score
 from abkd_deploy.models import count_parameters, load_model
 from abkd_deploy.rundir import verify_run_dir
 from abkd_deploy.staging import staged_directory
 from abkd_deploy.utils import write_json
+
+#: An artifact's test score may differ from PyTorch's by this much before a note is printed.
+SCORE_NOTE_GAP = 0.005
 
 
 def export(
@@ -99,112 +101,39 @@ def export(
         CheckpointError: ``run_dir`` holds no usable student or names no dataset.
         ExportError / ValidationError: an artifact could not be produced or validated.
     """
-    start = time.perf_counter()
+    clock = _Stopwatch()
     log = _logger(progress)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     fmts = resolve_formats(formats)
     adj = ADJACENCY.get(adjacency)
-    atol = check_options(adj.name, opset, dtype, atol)
+    target = _Target(opset, dtype, check_options(adj, opset, dtype, atol))
     verify_run_dir(run_dir)
     student, meta = load_model(run_dir, "student")
     check_out_dir(out_dir, force, run_dir)
     student = student.float().cpu().eval()
-    if dtype == "float16" and student.arch == "gat" and adj.name != "coo":
-        raise ConfigError(
-            "gat students cannot be exported as float16 in ell/embedded form (the attention "
-            "mask uses -1e9, which overflows float16); use --dtype float32"
-        )
-    if dtype == "float16" and adj.name == "coo" and any(f.name == "onnx" for f in fmts):
-        raise ConfigError(
-            "coo adjacency cannot be exported to onnx as float16: onnxruntime's CPU "
-            "ScatterElements has no float16 'add'; use --dtype float32 or --adjacency ell"
-        )
+    check_supported(adj, fmts, dtype, student.arch)
     data = load_run_dataset(run_dir, meta, student)
-    stages = {"load_s": time.perf_counter() - start}
-    csr = CSR.from_edge_index(data.edge_index, data.num_nodes)
-    default = adj.default_fanout if fanouts is None else fanouts
-    ks = parse_fanouts(default, student.num_layers, csr.max_degree)
-    if adj.name == "coo":
-        ks = [max(1, csr.max_degree)] * student.num_layers
-    sampler = NeighborSampler(csr, ks, student.norm, seed=seed)
-    stages["tables_s"] = time.perf_counter() - start - sum(stages.values())
-    scored = eval_ids(data, seed)
-    ctx = ExportContext(student, data, csr, ks, sampler, scored, dtype, precompute)
+    clock.lap("load_s")
+    ctx = export_context(adj, student, data, fanouts, seed, dtype, precompute)
+    clock.lap("tables_s")
     log(
         f"export: {student.arch} student ({count_parameters(student):,} params), "
-        f"{adj.name} adjacency, fanouts {ks}, {data.num_nodes:,} nodes; formats "
+        f"{adj.name} adjacency, fanouts {ctx.fanouts}, {data.num_nodes:,} nodes; formats "
         f"{', '.join(f.name for f in fmts)}"
     )
     spec = adj.build(ctx)
-    stages["build_s"] = time.perf_counter() - start - sum(stages.values())
-    y = data.y[scored].numpy()
-    acc_student = score(data.metric, y, student_logits(ctx, adj.name))
-    acc_exact = exact_graph_score(student, data, csr, scored)
-    stages["reference_s"] = time.perf_counter() - start - sum(stages.values())
+    clock.lap("build_s")
+    ref = reference_scores(ctx, adj.exact_graph)
+    clock.lap("reference_s")
     log(
-        f"  PyTorch student test {data.metric}: {acc_student:.4f} with fanouts {ks} "
-        f"({acc_exact:.4f} on the exact graph)"
+        f"  PyTorch student test {data.metric}: {ref.student:.4f} with fanouts {ctx.fanouts} "
+        f"({ref.exact_graph:.4f} on the exact graph)"
     )
-
     with staged_directory(out_dir, force, sources=[run_dir]) as tmp:
-        results = {}
-        for fmt in fmts:
-            results[fmt.name] = _export_one(fmt, spec, ctx, tmp, opset, dtype, atol, y, log)
-            gap = abs(results[fmt.name]["accuracy"] - acc_student)
-            if gap > 0.005:
-                log(
-                    f"  note: {fmt.name} accuracy differs from PyTorch's by {gap:.4f} (argmax "
-                    "ties / reduced precision); the outputs themselves passed validation"
-                )
-        manifest = build_manifest(
-            adjacency={
-                "format": adj.name,
-                "fanouts": None if adj.name == "coo" else ks,
-                "exact": all(k >= csr.max_degree for k in ks),
-                "sampling_seed": None if adj.name == "coo" else seed,
-                "norm": student.norm,
-                **spec.params,
-            },
-            model={**student.config, "params": count_parameters(student)},
-            graph={
-                "num_nodes": data.num_nodes,
-                "num_edges": int(data.edge_index.size(1)),
-                "max_degree": csr.max_degree,
-                "num_features": data.num_features,
-                "num_classes": int(data.num_classes),
-            },
-            opset=opset,
-            dtype=dtype,
-            inputs=spec.inputs,
-            outputs=spec.outputs,
-            artifacts={name: get_format(name).filename for name in results},
-            provenance=provenance_from_run(run_dir, meta),
-            accuracy={
-                "metric": data.metric,
-                "split": "test",
-                "nodes": int(scored.numel()),
-                "pytorch_student": acc_student,
-                "pytorch_student_exact_graph": acc_exact,
-                "exported": {name: r["accuracy"] for name, r in results.items()},
-            },
-            validation={
-                "atol": atol,
-                "passed": True,
-                "runs_per_input": 2,
-                "input_sets": [label for label, _ in spec.validation],
-                "max_abs_diff": {name: r["max_abs_diff"] for name, r in results.items()},
-            },
-        )
-        manifest["timings"] = {k: round(v, 3) for k, v in stages.items()}
-        manifest["timings"].update({name: r["timings"] for name, r in results.items()})
-        if "onnx" in results:
-            from abkd_deploy.export.onnx_format import write_metadata
-
-            write_metadata(tmp / get_format("onnx").filename, manifest)
-        files = [f for r in results.values() for f in r["files"]]
-        manifest["files"] = file_entries(tmp, files)
-        manifest["timings"]["total_s"] = round(time.perf_counter() - start, 3)
-        write_json(tmp / MANIFEST_NAME, manifest)
+        results = {f.name: _export_one(f, adj, spec, ctx, tmp, target, ref, log) for f in fmts}
+        provenance = provenance_from_run(run_dir, meta)
+        manifest = _manifest(adj, spec, ctx, target, ref, results, provenance)
+        _write_manifest(tmp, manifest, fmts, results, clock)
     log(
         f"export: wrote {out_dir} ({', '.join(manifest['files'])}) in "
         f"{manifest['timings']['total_s']:.1f} s"
@@ -212,59 +141,150 @@ def export(
     return manifest
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What every artifact is written and validated for."""
+
+    opset: int
+    dtype: str
+    atol: float
+
+
+@dataclass(frozen=True)
+class _Result:
+    """One validated artifact: main file, files, max abs diff per output, score, timings."""
+
+    artifact: str
+    files: list[str]
+    max_abs_diff: dict[str, float]
+    score: float
+    timings: dict[str, float]
+
+
+class _Stopwatch:
+    """Seconds per pipeline stage (each lap since the previous one) and in total."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage], self.last = now - self.last, now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
 def _export_one(
     fmt: ArtifactFormat,
+    adj: AdjacencyFormat,
     spec: ExportSpec,
     ctx: ExportContext,
     tmp: Path,
-    opset: int,
-    dtype: str,
-    atol: float,
-    y: np.ndarray,
+    target: _Target,
+    ref: ReferenceScores,
     log: Callable[[str], None],
-) -> dict[str, Any]:
+) -> _Result:
     """Writes, checks, validates and scores one artifact format."""
     t0 = time.perf_counter()
-    module = cast_module(spec.module, DTYPES[dtype])
-    paths = fmt.export(module, spec, tmp / fmt.filename, opset)
+    module = cast_module(spec.module, DTYPES[target.dtype])
+    paths = fmt.export(module, spec, tmp / fmt.filename, target.opset)
     t1 = time.perf_counter()
-    if fmt.name == "onnx":
-        _check_onnx_graph(paths[0], spec)
-    from abkd_deploy.export.onnx_format import threads
-
-    runner = fmt.load(paths[0], DTYPES[dtype], threads())
+    fmt.check(paths[0], adj)
+    runner = fmt.load(paths[0], DTYPES[target.dtype], runner_threads())
+    declared = None if fmt.output_names is None else fmt.output_names(paths[0])
     reference = spec.module if spec.reference is None else spec.reference
     diffs = validate_artifact(
-        fmt.name, runner, reference, spec.validation, spec.output_names, atol, log
+        fmt.name,
+        runner,
+        reference,
+        spec.validation,
+        spec.output_names,
+        target.atol,
+        log,
+        declared=declared,
     )
     t2 = time.perf_counter()
-    acc = score(ctx.data.metric, y, spec.logits(runner))
+    acc = score(ctx.data.metric, ref.labels, spec.logits(runner))
     t3 = time.perf_counter()
     size = sum(p.stat().st_size for p in paths)
     log(
         f"  {fmt.name}: {', '.join(p.name for p in paths)} ({size / 2**20:.1f} MiB), "
         f"test {ctx.data.metric} {acc:.4f}"
     )
-    return {
-        "files": [p.name for p in paths],
-        "max_abs_diff": diffs,
-        "accuracy": acc,
-        "timings": {
-            "export_s": round(t1 - t0, 3),
-            "validate_s": round(t2 - t1, 3),
-            "accuracy_s": round(t3 - t2, 3),
+    gap = abs(acc - ref.student)
+    if gap > SCORE_NOTE_GAP:
+        log(
+            f"  note: {fmt.name} accuracy differs from PyTorch's by {gap:.4f} (argmax "
+            "ties / reduced precision); the outputs themselves passed validation"
+        )
+    timings = {"export_s": t1 - t0, "validate_s": t2 - t1, "accuracy_s": t3 - t2}
+    rounded = {k: round(v, 3) for k, v in timings.items()}
+    return _Result(fmt.filename, [p.name for p in paths], diffs, acc, rounded)
+
+
+def _manifest(
+    adj: AdjacencyFormat,
+    spec: ExportSpec,
+    ctx: ExportContext,
+    target: _Target,
+    ref: ReferenceScores,
+    results: dict[str, _Result],
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest of the validated artifacts (without ``timings`` and ``files``)."""
+    student, data = ctx.student, ctx.data
+    return build_manifest(
+        adjacency=adj.manifest_entry(ctx, spec),
+        model={**student.config, "params": count_parameters(student)},
+        graph={
+            "num_nodes": data.num_nodes,
+            "num_edges": int(data.edge_index.size(1)),
+            "max_degree": ctx.csr.max_degree,
+            "num_features": data.num_features,
+            "num_classes": int(data.num_classes),
         },
-    }
+        opset=target.opset,
+        dtype=target.dtype,
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        artifacts={name: r.artifact for name, r in results.items()},
+        provenance=provenance,
+        accuracy={
+            "metric": data.metric,
+            "split": "test",
+            "nodes": int(ctx.eval_ids.numel()),
+            "pytorch_student": ref.student,
+            "pytorch_student_exact_graph": ref.exact_graph,
+            "exported": {name: r.score for name, r in results.items()},
+        },
+        validation={
+            "atol": target.atol,
+            "passed": True,
+            "runs_per_input": RUNS,
+            "input_sets": [label for label, _ in spec.validation],
+            "max_abs_diff": {name: r.max_abs_diff for name, r in results.items()},
+        },
+    )
 
 
-def _check_onnx_graph(path: Path, spec: ExportSpec) -> None:
-    from abkd_deploy.export.onnx_format import check_onnx, op_types
-
-    check_onnx(path)
-    if spec.input_names != ["x", "edge_index"]:  # ell / embedded: gather-only
-        scatter = sorted(op for op in op_types(path) if op.startswith("Scatter"))
-        if scatter:
-            raise ExportError(f"{path.name} contains {', '.join(scatter)}; expected gather-only")
+def _write_manifest(
+    tmp: Path,
+    manifest: dict[str, Any],
+    fmts: Sequence[ArtifactFormat],
+    results: dict[str, _Result],
+    clock: _Stopwatch,
+) -> None:
+    """Adds timings, lets each format store the manifest (``finalize``), then adds the
+    files' hashes and writes ``manifest.json`` into the staging directory."""
+    manifest["timings"] = {k: round(v, 3) for k, v in clock.laps.items()}
+    manifest["timings"].update({name: r.timings for name, r in results.items()})
+    for fmt in fmts:
+        fmt.finalize(tmp / fmt.filename, manifest)
+    manifest["files"] = file_entries(tmp, [f for r in results.values() for f in r.files])
+    manifest["timings"]["total_s"] = round(clock.total(), 3)
+    write_json(tmp / MANIFEST_NAME, manifest)
 
 
 def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:

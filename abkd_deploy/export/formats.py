@@ -11,21 +11,22 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from abkd_deploy.errors import ExportError
+from abkd_deploy.errors import ExportError, first_line
 from abkd_deploy.registry import Registry
 
 if TYPE_CHECKING:
-    from abkd_deploy.export.adjacency import ExportSpec
+    from abkd_deploy.export.adjacency import AdjacencyFormat, ExportSpec
 
 #: Runs an artifact: flat fp32/int64 torch inputs -> float32 numpy outputs.
 Runner = Callable[[Sequence[Tensor]], list[np.ndarray]]
@@ -50,16 +51,29 @@ def exporter_call(what: str, logger: str | None = None) -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     except Exception as exc:  # exporter errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ExportError(f"{what} failed: {first}") from exc
     finally:
         if log:
             log.setLevel(level)
 
 
+def accepts_every_dtype(dtype: str, adjacency: AdjacencyFormat) -> str | None:
+    """Default :attr:`ArtifactFormat.refuse_dtype`: nothing is refused."""
+    return None
+
+
+def no_check(path: Path, adjacency: AdjacencyFormat) -> None:
+    """Default :attr:`ArtifactFormat.check`: nothing beyond loading and validating."""
+
+
+def no_finalize(path: Path, manifest: dict[str, Any]) -> None:
+    """Default :attr:`ArtifactFormat.finalize`: the manifest is not stored in the file."""
+
+
 @dataclass(frozen=True)
 class ArtifactFormat:
-    """One artifact format.
+    """One artifact format: how it is written and loaded, and its hooks in the pipeline.
 
     Attributes:
         name: Registry name (``--format``).
@@ -67,12 +81,24 @@ class ArtifactFormat:
         export: ``(module, spec, path, opset) -> files written`` (``module`` is already
             in the artifact dtype; the first file is ``path``).
         load: ``(path, dtype, threads) -> Runner``.
+        refuse_dtype: ``(dtype, adjacency) -> reason`` when this format cannot hold that
+            adjacency form in ``dtype``, else ``None`` (checked before anything is built).
+        check: ``(path, adjacency)``: checks of the written file before it is loaded
+            (raises :class:`ExportError`), e.g. ONNX's checker and gather-only graphs.
+        finalize: ``(path, manifest)``: last write to the file once validation passed and
+            the manifest is built (before the files are hashed), e.g. ONNX metadata.
+        output_names: ``path -> names`` of the outputs the file declares, checked by
+            validation; ``None`` for formats whose outputs are positional.
     """
 
     name: str
     filename: str
     export: Callable[[nn.Module, ExportSpec, Path, int], list[Path]]
     load: Callable[[Path, torch.dtype, int], Runner]
+    refuse_dtype: Callable[[str, AdjacencyFormat], str | None] = accepts_every_dtype
+    check: Callable[[Path, AdjacencyFormat], None] = no_check
+    finalize: Callable[[Path, dict[str, Any]], None] = no_finalize
+    output_names: Callable[[Path], list[str]] | None = None
 
 
 FORMATS: Registry[ArtifactFormat] = Registry("export format")
@@ -87,6 +113,15 @@ def get_format(name: str) -> ArtifactFormat:
 def format_names() -> list[str]:
     _import_builtin_formats()
     return FORMATS.names()
+
+
+def runner_threads() -> int:
+    """Threads a loaded artifact runs with: the CPUs really available to this process
+    (validation must see the thread count that serving uses; docs/ARCHITECTURE.md 9.4)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:

@@ -23,8 +23,8 @@ import onnx
 import torch
 from torch import nn
 
-from abkd_deploy.errors import ExportError
-from abkd_deploy.export.adjacency import ExportSpec
+from abkd_deploy.errors import ExportError, first_line
+from abkd_deploy.export.adjacency import AdjacencyFormat, ExportSpec
 from abkd_deploy.export.formats import (
     FORMATS,
     ArtifactFormat,
@@ -33,11 +33,10 @@ from abkd_deploy.export.formats import (
     exporter_call,
     module_dtype,
 )
+from abkd_deploy.manifest import METADATA_KEY
 
 #: Initializers above this total size are written as external data.
 EXTERNAL_DATA_BYTES = 64 * 2**20
-#: metadata_props key holding the manifest (docs/FORMATS.md).
-METADATA_KEY = "abkd_manifest"
 
 _ONNX_DTYPES = {torch.float32: "tensor(float)", torch.float16: "tensor(float16)"}
 
@@ -97,7 +96,7 @@ def check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise ExportError(f"{path.name} fails onnx.checker: {first}") from None
 
 
@@ -107,12 +106,34 @@ def op_types(path: Path) -> set[str]:
     return {node.op_type for node in model.graph.node}
 
 
-def threads() -> int:
-    """The real number of CPU threads available to this process."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+def check_written(path: Path, adjacency: AdjacencyFormat) -> None:
+    """The format's ``check``: :func:`check_onnx`, and no Scatter op in a graph that the
+    adjacency format declares gather-only (``ell``/``embedded``).
+
+    Raises:
+        ExportError: the model is invalid or scatters where it must not.
+    """
+    check_onnx(path)
+    if adjacency.gather_only:
+        scatter = sorted(op for op in op_types(path) if op.startswith("Scatter"))
+        if scatter:
+            raise ExportError(f"{path.name} contains {', '.join(scatter)}; expected gather-only")
+
+
+def output_names(path: Path) -> list[str]:
+    """Names of the graph outputs of an ONNX file, in order."""
+    model = onnx.load(str(path), load_external_data=False)
+    return [out.name for out in model.graph.output]
+
+
+def refuse_dtype(dtype: str, adjacency: AdjacencyFormat) -> str | None:
+    """float16 with an adjacency that scatters: onnxruntime's CPU kernels lack it."""
+    if dtype == "float16" and not adjacency.gather_only:
+        return (
+            f"{adjacency.name} adjacency cannot be exported to onnx as float16: onnxruntime's "
+            "CPU ScatterElements has no float16 'add'; use --dtype float32 or --adjacency ell"
+        )
+    return None
 
 
 def load_onnx(path: Path, dtype: torch.dtype, num_threads: int) -> Runner:
@@ -128,7 +149,7 @@ def load_onnx(path: Path, dtype: torch.dtype, num_threads: int) -> Runner:
             raise ExportError(f"{path.name}: input {node.name} is {node.type}, expected {dtype}")
 
     def run(inputs) -> list:
-        feed = {n: t.numpy() for n, t in zip(names, cast_inputs(inputs, dtype))}
+        feed = {n: t.numpy() for n, t in zip(names, cast_inputs(inputs, dtype), strict=True)}
         return [o.astype("float32", copy=False) for o in session.run(None, feed)]
 
     return run
@@ -150,4 +171,15 @@ def write_metadata(path: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-FORMATS.register("onnx")(ArtifactFormat("onnx", "model.onnx", export_onnx, load_onnx))
+FORMATS.register("onnx")(
+    ArtifactFormat(
+        "onnx",
+        "model.onnx",
+        export_onnx,
+        load_onnx,
+        refuse_dtype=refuse_dtype,
+        check=check_written,
+        finalize=write_metadata,
+        output_names=output_names,
+    )
+)

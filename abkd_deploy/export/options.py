@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from abkd_deploy import staging
 from abkd_deploy.data.ell import parse_fanout
 from abkd_deploy.errors import ConfigError
-from abkd_deploy.export.formats import DTYPES, ArtifactFormat, get_format
+from abkd_deploy.export.formats import DTYPES, ArtifactFormat, format_names, get_format
+
+if TYPE_CHECKING:
+    from abkd_deploy.export.adjacency import AdjacencyFormat
 
 MIN_OPSET = 16
 #: Default ``atol`` per artifact dtype.
@@ -43,7 +47,8 @@ def resolve_formats(formats: Sequence[str] | str) -> list[ArtifactFormat]:
     """Registered formats for ``formats`` (names, de-duplicated, order kept)."""
     names = [formats] if isinstance(formats, str) else list(formats)
     if not names:
-        raise ConfigError("no export format given; expected one or more of onnx, torchscript, pt2")
+        known = ", ".join(format_names())
+        raise ConfigError(f"no export format given; expected one or more of {known}")
     out: list[ArtifactFormat] = []
     for name in names:
         fmt = get_format(name)
@@ -52,21 +57,40 @@ def resolve_formats(formats: Sequence[str] | str) -> list[ArtifactFormat]:
     return out
 
 
-def check_options(adjacency: str, opset: int, dtype: str, atol: float | None) -> float:
+def check_options(adjacency: AdjacencyFormat, opset: int, dtype: str, atol: float | None) -> float:
     """Checks opset and dtype for ``adjacency``; returns the resolved ``atol``."""
     if int(opset) < MIN_OPSET:
         raise ConfigError(
             f"opset {opset} is not supported; expected >= {MIN_OPSET} (default 18): older "
             "opsets turn scatter-add into an overwrite and give silently wrong results"
         )
-    if adjacency == "coo" and int(opset) < 18:
-        raise ConfigError(f"coo adjacency needs opset >= 18 (ScatterElements add/max); got {opset}")
+    if int(opset) < adjacency.min_opset:
+        raise ConfigError(
+            f"{adjacency.name} adjacency needs opset >= {adjacency.min_opset} "
+            f"({adjacency.opset_reason}); got {opset}"
+        )
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
     atol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
     if not atol >= 0:
         raise ConfigError(f"atol={atol}; expected >= 0")
     return atol
+
+
+def check_supported(
+    adjacency: AdjacencyFormat, formats: Sequence[ArtifactFormat], dtype: str, arch: str
+) -> None:
+    """Refuses a dtype that the adjacency (for ``arch``) or one of the formats cannot export.
+
+    Raises:
+        ConfigError: the first reason given by ``adjacency.refuse_dtype`` or a format's
+            ``refuse_dtype`` (one line, with the option to change).
+    """
+    reasons = [adjacency.refuse_dtype(dtype, arch)]
+    reasons += [fmt.refuse_dtype(dtype, adjacency) for fmt in formats]
+    reason = next((r for r in reasons if r), None)
+    if reason:
+        raise ConfigError(reason)
 
 
 def check_out_dir(out_dir: Path, force: bool, run_dir: Path | None = None) -> None:

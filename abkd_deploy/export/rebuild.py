@@ -11,12 +11,10 @@ from pathlib import Path
 
 from torch import nn
 
-from abkd_deploy.data.csr import CSR
-from abkd_deploy.data.sampler import NeighborSampler
 from abkd_deploy.errors import CheckpointError
-from abkd_deploy.export.adjacency import ADJACENCY, ExportContext
+from abkd_deploy.export.adjacency import ADJACENCY
 from abkd_deploy.export.manifest import read_manifest
-from abkd_deploy.export.reference import eval_ids, load_run_dataset
+from abkd_deploy.export.reference import export_context, load_run_dataset
 from abkd_deploy.models import load_model
 
 
@@ -34,21 +32,17 @@ def build_export_module(export_dir: str | Path) -> nn.Module:
             f"{export_dir}: the manifest's run dir {run_dir!r} holds no student to rebuild from"
         )
     adj = manifest["adjacency"]
+    fmt = ADJACENCY.get(adj["format"])
     student, meta = load_model(run_dir, "student")
     student = student.float().cpu().eval()
     data = load_run_dataset(Path(run_dir), meta, student)
-    csr = CSR.from_edge_index(data.edge_index, data.num_nodes)
-    fanouts = adj.get("fanouts") or [max(1, csr.max_degree)] * student.num_layers
-    seed = int(adj.get("sampling_seed") or 0)
-    sampler = NeighborSampler(csr, fanouts, student.norm, seed=seed)
-    ctx = ExportContext(
+    ctx = export_context(
+        fmt,
         student,
         data,
-        csr,
-        list(fanouts),
-        sampler,
-        eval_ids(data, seed),
+        adj.get("fanouts") or None,  # None (exact formats): the format's own fanouts
+        int(adj.get("sampling_seed") or 0),
         manifest.get("dtype", "float32"),
         precompute=bool(adj.get("precomputed_layers")),
     )
-    return ADJACENCY.get(adj["format"]).build(ctx).module.eval()
+    return fmt.build(ctx).module.eval()

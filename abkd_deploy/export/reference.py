@@ -1,8 +1,11 @@
-"""The PyTorch side of an export: the run's dataset, the scored test nodes, and the
-student's own accuracy on the same graph the artifact sees."""
+"""The PyTorch side of an export: the run's dataset, the fanout tables and scored test
+nodes (:func:`export_context`), and the student's own scores on the same graph the
+artifact sees (:func:`reference_scores`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,9 @@ from torch_geometric.data import Data
 from abkd_deploy.data import load_dataset
 from abkd_deploy.data.csr import CSR
 from abkd_deploy.data.graph import FullGraph
+from abkd_deploy.data.sampler import NeighborSampler
 from abkd_deploy.errors import CheckpointError
-from abkd_deploy.export.adjacency import ExportContext, batched
+from abkd_deploy.export.adjacency import AdjacencyFormat, ExportContext, batched
 from abkd_deploy.metrics import score
 from abkd_deploy.models.base import GNN
 
@@ -49,15 +53,60 @@ def eval_ids(data: Data, seed: int) -> Tensor:
     return ids
 
 
+def export_context(
+    adjacency: AdjacencyFormat,
+    student: GNN,
+    data: Data,
+    fanouts: str | int | Sequence[int | str] | None,
+    seed: int,
+    dtype: str = "float32",
+    precompute: bool = False,
+) -> ExportContext:
+    """The CSR, fanout tables (``adjacency.fanouts``, seeded) and scored test nodes.
+
+    Raises:
+        ConfigError: a bad fanout value or count.
+    """
+    csr = CSR.from_edge_index(data.edge_index, data.num_nodes)
+    ks = adjacency.fanouts(fanouts, student.num_layers, csr.max_degree)
+    sampler = NeighborSampler(csr, ks, student.norm, seed=seed)
+    return ExportContext(student, data, csr, ks, sampler, eval_ids(data, seed), dtype, precompute)
+
+
+@dataclass(frozen=True)
+class ReferenceScores:
+    """The PyTorch student's scores that every artifact is compared with.
+
+    Attributes:
+        labels: [len(eval_ids)] labels of the scored test nodes.
+        student: Score on the graph the artifact sees (its fanout tables).
+        exact_graph: Score on the exact graph.
+    """
+
+    labels: np.ndarray
+    student: float
+    exact_graph: float
+
+
+def reference_scores(ctx: ExportContext, exact_graph: bool) -> ReferenceScores:
+    """Scores of the PyTorch student on ``ctx.eval_ids`` (``exact_graph``: the artifact
+    sees the whole graph, so the student does too)."""
+    labels = ctx.data.y[ctx.eval_ids].numpy()
+    student = score(ctx.data.metric, labels, student_logits(ctx, exact_graph))
+    exact = exact_graph_score(ctx.student, ctx.data, ctx.csr, ctx.eval_ids)
+    return ReferenceScores(labels, student, exact)
+
+
 @torch.no_grad()
-def student_logits(ctx: ExportContext, adjacency: str) -> np.ndarray:
+def student_logits(ctx: ExportContext, exact_graph: bool) -> np.ndarray:
     """The PyTorch student's logits on ``eval_ids`` with the same graph the artifact sees.
 
-    ``ell``/``embedded``: the student on :class:`EllBlock` s from the export's fanout
-    tables (the same fanout); ``coo``: the student on the exact :class:`FullGraph`.
+    Padded forms (``ell``/``embedded``): the student on :class:`EllBlock` s from the
+    export's fanout tables (the same fanout); ``exact_graph`` (``coo``): the student on
+    the exact :class:`FullGraph`.
     """
     student, data = ctx.student, ctx.data
-    if adjacency == "coo":
+    if exact_graph:
         full = student(data.x, FullGraph(ctx.csr, student.norm))[0]
         return full[ctx.eval_ids].float().numpy()
 

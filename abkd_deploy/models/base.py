@@ -137,7 +137,7 @@ class LayerStack(GNN):
     def forward(self, x: Tensor, graph: Any) -> tuple[Tensor, list[Tensor]]:
         act = getattr(F, self.activation)
         hiddens, h = [], x
-        for i, (layer, op) in enumerate(zip(self.layers, self.operands(graph))):
+        for i, (layer, op) in enumerate(zip(self.layers, self.operands(graph), strict=True)):
             h = layer(F.dropout(h, self.dropout, self.training), op)
             if i < self.num_layers - 1:
                 h = act(h)

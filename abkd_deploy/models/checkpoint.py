@@ -12,7 +12,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from abkd_deploy.errors import CheckpointError, ConfigError
+from abkd_deploy.errors import CheckpointError, ConfigError, first_line
 from abkd_deploy.models.base import GNN
 from abkd_deploy.utils import atomic_path, sha256_file, write_json
 
@@ -99,6 +99,6 @@ def load_model(directory: str | Path, name: str) -> tuple[GNN, dict[str, Any]]:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise CheckpointError(f"{weights} does not match {name}.json: {first}") from None
     return model.eval(), meta

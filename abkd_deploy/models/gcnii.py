@@ -66,7 +66,7 @@ class GCNII(GNN):
     def forward(self, x: Tensor, graph: Any) -> tuple[Tensor, list[Tensor]]:
         h0 = F.relu(self.lin_in(F.dropout(x, self.dropout, self.training)))
         hiddens, h = [], h0
-        for layer, op in zip(self.layers, self.operands(graph)):
+        for layer, op in zip(self.layers, self.operands(graph), strict=True):
             h = F.relu(layer(F.dropout(h, self.dropout, self.training), h0, op))
             h0 = op.dst(h0)
             hiddens.append(h)

@@ -167,7 +167,7 @@ class TypedGNN(GNN):
         """
         h = self.embed(inputs)
         hiddens: list[Tensor] = []
-        for i, (layer, block) in enumerate(zip(self.layers, self.operands(graph))):
+        for i, (layer, block) in enumerate(zip(self.layers, self.operands(graph), strict=True)):
             h = {t: F.dropout(v, self.dropout, self.training) for t, v in h.items()}
             dst = [t for t in self.node_types if t in self._needed[i] and t in block.num_dst]
             h = layer(h, block, dst)

@@ -329,7 +329,7 @@ class MicroBatcher(Generic[R]):
                 return [(batch[0], None, exc)]
             log.debug("batch of %d requests failed (%s); running them one by one", len(batch), exc)
             return [self._run_alone(req) for req in batch]
-        return [(req, part, None) for req, part in zip(batch, parts)]
+        return [(req, part, None) for req, part in zip(batch, parts, strict=True)]
 
     def _call(self, ids: np.ndarray) -> R:
         result = self._fn(ids)

@@ -126,7 +126,7 @@ async def _run_share(
     try:
         warm = [
             _connection_loop(c, job.requests, k * stride, job.warmup, None, [])
-            for k, c in zip(mine, conns)
+            for k, c in zip(mine, conns, strict=True)
         ]
         result.errors += sum(await asyncio.gather(*warm))
         if not ready():
@@ -135,7 +135,7 @@ async def _run_share(
         deadline = start + job.seconds
         loops = [
             _connection_loop(c, job.requests, k * stride, per_conn, deadline, result.latencies_ms)
-            for k, c in zip(mine, conns)
+            for k, c in zip(mine, conns, strict=True)
         ]
         result.errors += sum(await asyncio.gather(*loops))
         result.start, result.end = start, time.monotonic()
@@ -231,12 +231,12 @@ class ClientPool:
             _send(proc.stdin, message)
         answers = [self._recv(proc) for proc in self._procs]
         failed = [a["error"] for a in answers if "error" in a]
-        for proc, answer in zip(self._procs, answers):  # start together, or not at all
+        for proc, answer in zip(self._procs, answers, strict=True):  # start together, or not at all
             if "ready" in answer:
                 _send(proc.stdin, {"go": not failed})
         parts = [
             TrialResult(**self._recv(p)["result"])
-            for p, a in zip(self._procs, answers)
+            for p, a in zip(self._procs, answers, strict=True)
             if "ready" in a
         ]
         if failed:

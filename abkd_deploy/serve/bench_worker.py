@@ -145,6 +145,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             "rss_after_load_mb": loaded_rss,
             "peak_rss_mb": _rss_mb(),
             "gpu_peak_mb": gpu,
+            # after the whole measurement: the ONNX student's path must never import torch
+            "torch_imported": "torch" in sys.modules,
         },
     }
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from abkd_deploy.errors import first_line
 from abkd_deploy.serve.errors import ArtifactError
 
 
@@ -66,7 +67,7 @@ def _signature_onnxruntime(model_path: Path) -> tuple[list[TensorSig], list[Tens
     try:
         sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ArtifactError(f"onnxruntime cannot load {model_path}: {first}") from exc
 
     def sig(a: Any) -> TensorSig:

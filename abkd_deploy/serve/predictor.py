@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from abkd_deploy.errors import ConfigError, DeviceError
+from abkd_deploy.errors import ConfigError, DeviceError, first_line
 from abkd_deploy.serve.errors import ArtifactError, InvalidInput
 from abkd_deploy.serve.manifest import check_model, load_manifest, onnx_file, verify_files
 from abkd_deploy.serve.providers import create_session
@@ -106,7 +106,7 @@ class Predictor:
         except (DeviceError, ConfigError):
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ArtifactError(f"onnxruntime cannot load {model_path}: {first}") from exc
         check_model(self.manifest, model_path)
         self.session = self._info.session
@@ -181,9 +181,9 @@ class Predictor:
         try:
             outs = self._run(feed, self._outputs)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InvalidInput(f"onnxruntime rejected the inputs: {first}") from exc
-        return dict(zip(self._outputs, outs))
+        return dict(zip(self._outputs, outs, strict=True))
 
     def info(self) -> dict[str, Any]:
         """What ``/healthz`` reports: provider, format, graph size and model summary."""
@@ -253,7 +253,7 @@ class Predictor:
                 f"input {name!r} must have {len(spec.shape)} dims {spec.shape}, got shape "
                 f"{tuple(arr.shape)}"
             )
-        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape)):
+        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
             if isinstance(want, int) and want != got:
                 raise InvalidInput(
                     f"input {name!r} must have size {want} on axis {axis}, got {tuple(arr.shape)}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import onnxruntime as ort
 
-from abkd_deploy.errors import ConfigError, DeviceError
+from abkd_deploy.errors import ConfigError, DeviceError, first_line
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -94,7 +94,7 @@ def _try_cuda(
             model_path, sess_options=opts, providers=[(CUDA, {"device_id": device_id}), CPU]
         )
     except Exception as exc:  # onnxruntime raises plain RuntimeError/Fail here
-        return None, f"{CUDA} failed to start: {str(exc).splitlines()[0] if str(exc) else exc}"
+        return None, f"{CUDA} failed to start: {first_line(exc)}"
     running = session.get_providers()
     if CUDA not in running:
         return None, (

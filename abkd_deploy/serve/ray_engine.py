@@ -31,7 +31,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from abkd_deploy.errors import ServeError
+from abkd_deploy.errors import ServeError, first_line
 from abkd_deploy.serve.errors import Unavailable
 from abkd_deploy.serve.limits import HttpLimits
 from abkd_deploy.serve.manifest import load_manifest
@@ -64,7 +64,7 @@ def require_ray() -> None:
 def _split(pred: Prediction, sizes: list[int], wants: list[bool]) -> list[Prediction]:
     """Rows of one model run, back to the requests that made it up (``[n_i]`` ids each)."""
     out, start = [], 0
-    for size, want in zip(sizes, wants):
+    for size, want in zip(sizes, wants, strict=True):
         part = pred[start : start + size]
         out.append(part if want else Prediction(part.classes, part.scores))
         start += size
@@ -335,7 +335,7 @@ def serve_ray(
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = ray_address or "a local instance"
-        raise ServeError(f"cannot start Ray ({where}): {str(exc).splitlines()[0]}") from None
+        raise ServeError(f"cannot start Ray ({where}): {first_line(exc)}") from None
     stop = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)

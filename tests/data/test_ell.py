@@ -58,7 +58,7 @@ def test_ell_equals_full_graph_with_exact_fanout(graph, arch):
         full, hid_full = model(data.x, FullGraph(csr, model.norm))
         ell, hid_ell = model(data.x, EllBlock.full_graph(table, model.norm))
     assert torch.allclose(full, ell, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hid_full, hid_ell))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hid_full, hid_ell, strict=True))
 
 
 @pytest.mark.parametrize("arch", ["gcn", "sage", "gat", "gcnii"])
@@ -95,7 +95,7 @@ def test_target_edges_are_local_and_valid(graph):
     src, dst = ei
     assert all(
         int(s) in csr.col[csr.rowptr[d] : csr.rowptr[d + 1]].tolist()
-        for s, d in zip(src[:20].tolist(), dst[:20].tolist())
+        for s, d in zip(src[:20].tolist(), dst[:20].tolist(), strict=True)
     )
 
 

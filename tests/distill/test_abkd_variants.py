@@ -93,7 +93,8 @@ def _push_rows_to_layer0(term, batch: KDBatch) -> None:
     """Sets the position embedding of teacher layer 0 so that ``q_j . e_0 = 1e4`` for
     every row ``j``: every spec softmax row then sits on layer 0."""
     with torch.no_grad():
-        q = torch.stack([w(h.mean(0)) for w, h in zip(term.query, batch.student_hiddens)])
+        pairs = zip(term.query, batch.student_hiddens, strict=True)
+        q = torch.stack([w(h.mean(0)) for w, h in pairs])
         term.position.zero_()
         term.position[0] = torch.linalg.lstsq(q, torch.full((2, 1), 1e4)).solution[:, 0]
 

@@ -467,11 +467,11 @@ def test_abkd_frozen_teacher_cache_matches_uncached(
     plain = build("abkd", dissimilarity=dissimilarity, kd_nodes=kd_nodes)
     expected = [plain(b) for _ in range(3)]
     assert plain._cache is None
-    for got, want in zip(values, expected):
+    for got, want in zip(values, expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6)
     g_cached = torch.autograd.grad(cached(b), b.student_hiddens)
     g_plain = torch.autograd.grad(plain(b), b.student_hiddens)
-    for a, c in zip(g_cached, g_plain):
+    for a, c in zip(g_cached, g_plain, strict=True):
         assert torch.allclose(a, c, atol=1e-6)
 
 

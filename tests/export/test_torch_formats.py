@@ -28,4 +28,4 @@ def test_pt2_round_trip_matches_torchscript(gcn_embedded):
     for ids in (torch.tensor([7]), torch.randint(0, 600, (333,))):
         a = module_runner(program)((ids,))
         b = module_runner(scripted)((ids,))
-        assert all(np.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+        assert all(np.allclose(x, y, atol=1e-6) for x, y in zip(a, b, strict=True))

@@ -147,7 +147,9 @@ def test_sampler_blocks_follow_the_prefix_convention():
     assert any(
         not torch.equal(a.nbr, b.nbr)
         for a, b in zip(
-            sampler.tables[0].values(), TypedNeighborSampler(g, [3, 2], seed=1).tables[0].values()
+            sampler.tables[0].values(),
+            TypedNeighborSampler(g, [3, 2], seed=1).tables[0].values(),
+            strict=True,
         )
     )
 

@@ -85,7 +85,7 @@ def test_many_threads_get_their_own_answers(predictor: Predictor) -> None:
     requests = [rng.integers(0, 500, size=rng.integers(1, 24)) for _ in range(1200)]
     with MicroBatcher(rec, max_batch=64, max_wait_ms=2) as batcher, ThreadPoolExecutor(48) as pool:
         answers = list(pool.map(batcher.predict, requests))
-    for ids, got in zip(requests, answers):
+    for ids, got in zip(requests, answers, strict=True):
         assert len(got) == ids.size
         _check(got, predictor.predict(ids))
     assert sum(rec.sizes) == sum(r.size for r in requests)
@@ -103,7 +103,7 @@ def test_asyncio_callers(predictor: Predictor) -> None:
     rec = Recorder(predictor.predict)
     with MicroBatcher(rec, max_batch=128, max_wait_ms=5) as batcher:
         answers = asyncio.run(main(batcher))
-    for ids, got in zip(requests, answers):
+    for ids, got in zip(requests, answers, strict=True):
         _check(got, predictor.predict(ids))
     assert len(rec.sizes) < len(requests)
 
@@ -295,7 +295,7 @@ def test_max_batch_under_load_from_threads_and_asyncio() -> None:
         from_async = pool.submit(asyncio.run, main(b, requests[:300]))
         from_threads = list(pool.map(b.predict, requests[300:]))
         answers = from_async.result(60) + from_threads
-    for ids, got in zip(requests, answers):
+    for ids, got in zip(requests, answers, strict=True):
         assert got.tolist() == (ids * 10).tolist()
     assert max(model.sizes) <= 16 and sum(model.sizes) == sum(r.size for r in requests)
     assert model.max_active == 1, "two model runs overlapped"

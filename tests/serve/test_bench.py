@@ -76,9 +76,30 @@ def test_same_answers_same_accuracy(report):
 
 
 def test_onnx_worker_runs_without_torch(report):
-    # a torch-free process is far smaller than the teacher's (which imports torch + PyG)
     models = report["models"]
+    # each worker reports whether torch was in its sys.modules after the measurement
+    assert models["student-onnx"]["torch_imported"] is False
+    for other in ("teacher-torch", "student-torch", "student-torch-export"):
+        assert models[other]["torch_imported"] is True
+    # a torch-free process is far smaller than the teacher's (which imports torch + PyG)
     assert models["student-onnx"]["rss_after_load_mb"] < models["teacher-torch"]["peak_rss_mb"]
+
+
+@pytest.mark.parametrize("where", ["export", "run", "foreign"])
+def test_bad_out_is_refused_before_the_benchmark_runs(pipeline, tmp_path, monkeypatch, where):
+    ran = []
+    monkeypatch.setattr("abkd_deploy.serve.bench.bench", lambda *a, **k: ran.append(1))
+    if where == "foreign":  # an existing file that is not a bench report
+        out = tmp_path / "notes.json"
+        out.write_text("{}")
+    else:
+        out = pipeline[where] / "report.json"
+    args = ["bench", str(pipeline["export"]), "--models", "student-onnx", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and str(out) in result.output
+    assert not ran
+    assert where == "foreign" or not out.exists()
 
 
 def test_written_report_files(report, tmp_path):

@@ -7,7 +7,6 @@ last because it replaces a replica.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import os
@@ -27,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from abkd_deploy.cli import main
-from abkd_deploy.serve import Prediction, Predictor
+from abkd_deploy.serve import Predictor
 from abkd_deploy.serve.server import create_app
 from tests.serve.live_server import Client, LiveServer
 from tests.serve.test_process import REPO, _free_port
@@ -319,3 +318,102 @@ def test_killed_replica_is_replaced(ray_server: RayServer, predictor: Predictor)
     ray_server.record_processes()
     status, body = Client(ray_server.port).predict([1, 2])
     assert status == 200 and body["predictions"] == predictor.predict([1, 2]).classes.tolist()
+
+
+# --------------------------------------------------------------- without a Ray instance
+
+
+def test_missing_ray_is_one_line_naming_the_extra(
+    embedded_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    result = CliRunner().invoke(main, ["serve", str(embedded_dir), "--engine", "ray"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --engine ray needs Ray Serve")
+    assert 'pip install "abkd-deploy[ray]"' in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--engine", "ray", "--workers", "2"], "--workers is for --engine builtin"),
+        (["--replicas", "2"], "--replicas and --ray-address need --engine ray"),
+    ],
+)
+def test_engine_option_mixups(embedded_dir: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["serve", str(embedded_dir), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+class _FakeMethod:
+    """``handle.method.remote(...)``: each call takes the next outcome (an exception to
+    raise, or a function of the call's argument)."""
+
+    def __init__(self, *outcomes: object) -> None:
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def remote(self, *args: object) -> object:
+        self.calls += 1
+        outcome = self.outcomes.pop(0)
+
+        async def answer() -> object:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome(*args)
+
+        return answer()
+
+
+class _FakeModel:
+    def __init__(self, predict: _FakeMethod) -> None:
+        self.predict = predict
+        self.info = _FakeMethod(lambda: {"pid": 1})
+
+
+def _front_client(predictor: Predictor, model: _FakeModel):  # -> TestClient
+    from fastapi.testclient import TestClient
+
+    from abkd_deploy.serve.ray_engine import FrontSettings, build_http_app
+
+    front = FrontSettings(2, MAX_BATCH, 2.0, MAX_IDS, 10.0)
+    return TestClient(build_http_app(model, predictor.num_nodes, predictor.has_embedding, front))
+
+
+def _run(predictor: Predictor):
+    return lambda item: predictor.predict(item[0], return_embedding=item[1])
+
+
+@needs_ray
+def test_front_retries_once_when_the_replica_dies(predictor: Predictor) -> None:
+    from ray.exceptions import ActorDiedError
+
+    model = _FakeModel(_FakeMethod(ActorDiedError(), _run(predictor)))
+    response = _front_client(predictor, model).post("/v1/predict", json={"node_ids": [4, 2]})
+    assert response.status_code == 200
+    assert response.json()["predictions"] == predictor.predict([4, 2]).classes.tolist()
+    assert model.predict.calls == 2
+
+
+@needs_ray
+def test_front_answers_json_503_when_the_retry_fails_too(predictor: Predictor) -> None:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    died = ActorUnavailableError("replica unreachable", None)
+    model = _FakeModel(_FakeMethod(ActorDiedError(), died))
+    response = _front_client(predictor, model).post("/v1/predict", json={"node_ids": [4]})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "replica_failed" and "ActorUnavailableError" in error["message"]
+
+
+@needs_ray
+def test_front_answers_json_503_under_back_pressure(predictor: Predictor) -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    full = BackPressureError(num_queued_requests=5, max_queued_requests=5)
+    model = _FakeModel(_FakeMethod(full))
+    response = _front_client(predictor, model).post("/v1/predict", json={"node_ids": [4]})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
+    assert "backpressure" in response.json()["error"]["message"]

@@ -58,7 +58,7 @@ def assert_matches_graph(config: model_config_pb2.ModelConfig, model_path: Path)
     batched = config.max_batch_size > 0
     for declared, graph in ((config.input, inputs), (config.output, outputs)):
         assert [t.name for t in declared] == [name for name, _, _ in graph]
-        for tensor, (_, dtype, dims) in zip(declared, graph):
+        for tensor, (_, dtype, dims) in zip(declared, graph, strict=True):
             assert DataType.Name(tensor.data_type) == dtype
             model_dims = dims[1:] if batched else dims
             if model_dims:
@@ -84,7 +84,7 @@ def run_like_triton(config: model_config_pb2.ModelConfig, model_dir: Path, feeds
         shape = [n, *tensor.reshape.shape] if tensor.HasField("reshape") else wire.shape
         model_feeds[tensor.name] = wire.reshape(shape)
     names = [t.name for t in config.output]
-    out = dict(zip(names, sess.run(names, model_feeds)))
+    out = dict(zip(names, sess.run(names, model_feeds), strict=True))
     for tensor in config.output:
         assert out[tensor.name].size == n * int(np.prod(tensor.dims))
         out[tensor.name] = out[tensor.name].reshape([n, *tensor.dims])

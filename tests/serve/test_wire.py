@@ -79,7 +79,7 @@ def test_scores_use_the_shortest_float32_decimal(client, predictor) -> None:
     tokens = NUMBER.findall(scores_text)
     values = predictor.predict(IDS).scores.ravel()
     assert len(tokens) == values.size
-    for token, value in zip(tokens, values):
+    for token, value in zip(tokens, values, strict=True):
         shortest = str(np.float32(value))  # numpy: the shortest decimal that round-trips
         assert np.float32(float(token)) == value, (token, value)
         digits = len(re.sub(rb"[-.]|[eE].*", b"", token).lstrip(b"0"))
