@@ -394,9 +394,17 @@ def _run_compare(specs: dict[str, Any], methods: str | None, out: str) -> None:
 @click.option(
     "--out",
     "out_dir",
-    required=True,
+    default=None,
     type=click.Path(file_okay=False),
     help="Export directory to create (refused if it exists, unless --force).",
+)
+@click.option(
+    "--repo",
+    "repo_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Instead of --out: publish as the next version of the model directory REPO/<model> "
+    "(max(version) + 1, atomically; what `serve REPO/<model>` hot-swaps to).",
 )
 @click.option(
     "--format",
@@ -448,16 +456,35 @@ def _run_compare(specs: dict[str, Any], methods: str | None, out: str) -> None:
     "request runs only the last layer (same outputs, much less work per request).",
 )
 @_friendly
-def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) -> None:
-    """Export the student of RUN_DIR, validated against PyTorch, into --out."""
+def export(
+    run_dir: str, out_dir: str | None, repo_dir: str | None, formats: tuple[str, ...], **kwargs: Any
+) -> None:
+    """Export the student of RUN_DIR, validated against PyTorch, into --out (or --repo)."""
+    from abkd_deploy.errors import ConfigError
+
+    if (out_dir is None) == (repo_dir is None):
+        raise ConfigError("give exactly one of --out DIR and --repo REPO/<model>")
+    if repo_dir is not None and kwargs["force"]:
+        raise ConfigError("--force is for --out; --repo always writes a new version")
     _check_list("export format", formats, names.EXPORT_FORMATS)
     check_name("adjacency format", kwargs["adjacency"], names.ADJACENCY_FORMATS)
     check_name("dtype", kwargs["dtype"], names.EXPORT_DTYPES)
     from abkd_deploy.export.api import export as run_export
 
-    # steps and per-output validation details go to stderr as they happen; stdout gets
-    # this one result line
-    manifest = run_export(run_dir, out_dir, formats=formats or ("onnx",), progress=True, **kwargs)
+    def write(out: Any) -> dict[str, Any]:
+        # steps and per-output validation details go to stderr as they happen; stdout gets
+        # this one result line
+        return run_export(run_dir, out, formats=formats or ("onnx",), progress=True, **kwargs)
+
+    if repo_dir is None:
+        manifest = write(out_dir)
+    else:
+        from abkd_deploy.model_repo import write_version
+        from abkd_deploy.staging import check_sources
+
+        check_sources(repo_dir, [run_dir])
+        version, path, manifest = write_version(repo_dir, write)
+        out_dir = f"{path} (version {version})"
     acc, adj = manifest["accuracy"], manifest["adjacency"]
     fanouts = ",".join(map(str, adj["fanouts"])) if adj["fanouts"] else "exact"
     exported = ", ".join(
@@ -567,7 +594,9 @@ def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) 
     type=click.Choice(["builtin", "ray"]),
     default="builtin",
     show_default=True,
-    help="builtin: this package's server; ray: a Ray Serve application (the ray extra).",
+    help="builtin: this package's server; ray: a Ray Serve application (the ray extra; "
+    "Ray's proxy owns the connections: of the timeouts only --body-timeout applies, and "
+    "--min-batch, --http and --workers do not).",
 )
 @click.option(
     "--replicas",
@@ -580,6 +609,14 @@ def export(run_dir: str, out_dir: str, formats: tuple[str, ...], **kwargs: Any) 
     "--ray-address",
     default=None,
     help="--engine ray: an existing Ray cluster (default: start a local Ray instance).",
+)
+@click.option(
+    "--poll-s",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="EXPORT_DIR a model directory REPO/<model> of version folders: seconds between "
+    "scans for new and removed versions (the newest valid one is served, swapped live).",
 )
 @_friendly
 def serve(
@@ -602,12 +639,24 @@ def serve(
     engine: str,
     replicas: int,
     ray_address: str | None,
+    poll_s: float,
 ) -> None:
-    """Serve EXPORT_DIR over HTTP: POST /v1/predict, GET /healthz, GET /metrics."""
+    """Serve EXPORT_DIR over HTTP: POST /v1/predict, GET /healthz, GET /metrics.
+
+    EXPORT_DIR is an export directory, or a model directory REPO/<model> whose integer
+    version folders each hold one export: the newest valid version is served and new or
+    removed versions are picked up while running (docs/FORMATS.md "Model repository").
+    """
     from abkd_deploy.errors import ConfigError
+    from abkd_deploy.model_repo import is_model_dir
     from abkd_deploy.serve.limits import HttpLimits
     from abkd_deploy.serve.server import serve as run_server
 
+    if engine == "ray" and is_model_dir(export_dir):
+        raise ConfigError(
+            "--engine ray serves one export directory; a model directory (hot swap) needs "
+            "--engine builtin"
+        )
     if engine == "ray":
         from abkd_deploy.serve.ray_engine import serve_ray
 
@@ -641,6 +690,7 @@ def serve(
         workers=workers,
         http=http,
         max_ids=max_ids,
+        poll_s=poll_s,
         limits=HttpLimits(
             header_timeout_s=header_timeout,
             body_timeout_s=body_timeout,

@@ -102,7 +102,10 @@ def build_for_data(
 
 
 def check_model_for_data(model: GNN, data: Any, dataset: str, source: str) -> None:
-    """Checks a loaded checkpoint (e.g. the teacher in ``source``) against ``data``.
+    """Checks a loaded checkpoint against ``data``.
+
+    Args:
+        source: What the model is, for the message (``"teacher in '/runs/t'"``).
 
     Raises:
         CheckpointError: The model was trained on a dataset of another shape.
@@ -111,8 +114,7 @@ def check_model_for_data(model: GNN, data: Any, dataset: str, source: str) -> No
     if typed_model != is_typed(data):
         kinds = ("typed", "homogeneous") if typed_model else ("homogeneous", "typed")
         raise CheckpointError(
-            f"the {model.arch} model in {source!r} is {kinds[0]}, but dataset {dataset!r} is "
-            f"{kinds[1]}"
+            f"{source} is a {kinds[0]} {model.arch} model, but dataset {dataset!r} is {kinds[1]}"
         )
     if typed_model:
         want = data.schema()
@@ -120,13 +122,13 @@ def check_model_for_data(model: GNN, data: Any, dataset: str, source: str) -> No
         if diff or model.out_channels != data.num_classes:
             what = ", ".join(diff) if diff else "num_classes"
             raise CheckpointError(
-                f"the {model.arch} model in {source!r} was built for another typed graph than "
+                f"{source} ({model.arch}) was built for another typed graph than "
                 f"dataset {dataset!r} (different {what})"
             )
         return
     if model.in_channels != data.num_features or model.out_channels != data.num_classes:
         raise CheckpointError(
-            f"the model in {source!r} expects {model.in_channels} features and "
+            f"{source} expects {model.in_channels} features and "
             f"{model.out_channels} classes, but dataset {dataset!r} has "
             f"{data.num_features} features and {data.num_classes} classes"
         )

@@ -13,15 +13,16 @@ from typing import Any
 from torch_geometric.data import Data
 
 from abkd_deploy.data import load_dataset
-from abkd_deploy.data.graph import FullGraph
-from abkd_deploy.distill.evaluate import full_graph_outputs, split_scores
+from abkd_deploy.distill.evaluate import dataset_outputs, split_scores
+from abkd_deploy.distill.graphs import build_for_data, check_arch_for_data, check_model_for_data
 from abkd_deploy.distill.losses import LayerDims
 from abkd_deploy.distill.objective import METHODS
 from abkd_deploy.distill.specs import KDSpec, StudentSpec, TeacherSpec
 from abkd_deploy.distill.teacher import dataset_ref, resolve_teacher
 from abkd_deploy.distill.trainer import FitResult, TrainConfig, Trainer
-from abkd_deploy.errors import CheckpointError, ConfigError
-from abkd_deploy.models import GNN, MODELS, build_model, count_parameters, load_model, save_model
+from abkd_deploy.errors import ConfigError
+from abkd_deploy.models import GNN, MODELS, load_model, save_model
+from abkd_deploy.models.typed import parameter_counts
 from abkd_deploy.plots import plot_attention, plot_curves
 from abkd_deploy.rundir import checkpoint_hashes
 from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
@@ -70,12 +71,7 @@ def prepare_teacher(
     """Loads the teacher ``spec`` names (trained first if needed), checked against ``data``."""
     src = resolve_teacher(spec, dataset, train, workdir)
     teacher, _ = load_model(src, "teacher")
-    if teacher.in_channels != data.num_features or teacher.out_channels != data.num_classes:
-        raise CheckpointError(
-            f"teacher in {str(src)!r} expects {teacher.in_channels} features and "
-            f"{teacher.out_channels} classes, but dataset {dataset['name']!r} has "
-            f"{data.num_features} features and {data.num_classes} classes"
-        )
+    check_model_for_data(teacher, data, dataset["name"], f"teacher in {str(src)!r}")
     return teacher, src
 
 
@@ -117,18 +113,14 @@ def distill(
     check_out_dir(out, force, sources)
     start = time.perf_counter()
     data = load_dataset(dataset, root, split)
+    check_arch_for_data(student.arch, data, dataset, "student")  # typed data, typed archs
+    if teacher.path is None:
+        check_arch_for_data(teacher.arch, data, dataset, "teacher")
     ref = dataset_ref(dataset, root, split)
     with staged_directory(out, force, sources) as stage:
         work = stage / WORK_DIR  # a teacher trained here; removed before publishing
         teacher_model, teacher_src = prepare_teacher(teacher, data, ref, train, work)
-        t_scores = split_scores(
-            data,
-            full_graph_outputs(
-                teacher_model,
-                data.x,
-                FullGraph.from_edge_index(data.edge_index, data.num_nodes, teacher_model.norm),
-            )[0],
-        )
+        t_scores = split_scores(data, dataset_outputs(teacher_model, data)[0])
         runs = [
             _one_seed(data, teacher_model, student, kd, replace(train, seed=train.seed + s))
             for s in range(seeds)
@@ -156,13 +148,14 @@ def _one_seed(
     data: Data, teacher: GNN, spec: StudentSpec, kd: KDSpec, train: TrainConfig
 ) -> SeedResult:
     seed_everything(train.seed)
-    model = build_model(
+    model = build_for_data(
         spec.arch,
-        in_channels=data.num_features,
+        data,
+        getattr(data, "name", None) or "the dataset",
         hidden=spec.hidden,
-        out_channels=data.num_classes,
         num_layers=spec.layers,
         dropout=spec.dropout,
+        role="student",
     )
     t = copy.deepcopy(teacher) if kd.teacher_mode == "joint" else teacher
     if kd.method == "ce":
@@ -197,7 +190,10 @@ def _metrics(
     """``metrics.json`` of a run (the saved student is the best seed by validation)."""
     best = max(runs, key=lambda r: r.val_score)
     tests = [r.fit.scores["test"] for r in runs]
-    t_params, s_params = count_parameters(teacher), count_parameters(best.model)
+    # Typed models: the ratio counts without the embedding tables (as the ABKD paper does).
+    t_counts, s_counts = parameter_counts(teacher), parameter_counts(best.model)
+    t_params, s_params = t_counts["params"], s_counts["params"]
+    t_core, s_core = t_counts["params_without_embeddings"], s_counts["params_without_embeddings"]
     per_seed = [
         {
             "seed": r.seed,
@@ -215,18 +211,21 @@ def _metrics(
         "teacher": {
             "arch": teacher.arch,
             "params": t_params,
+            "params_without_embeddings": t_core,
             "test_acc": t_scores["test"],
             "val_acc": t_scores["val"],
         },
         "student": {
             "arch": best.model.arch,
             "params": s_params,
+            "params_without_embeddings": s_core,
             "test_acc": statistics.fmean(tests),
             "test_acc_std": statistics.pstdev(tests) if len(tests) > 1 else 0.0,
             "val_acc": statistics.fmean(r.val_score for r in runs),
             "saved_seed": best.seed,
         },
-        "compression_ratio": t_params / s_params,
+        "compression_ratio": t_core / s_core,
+        "compression_ratio_with_embeddings": t_params / s_params,
         "seconds_per_epoch": statistics.fmean(r.fit.seconds_per_epoch for r in runs),
         "per_seed": per_seed,
         "seconds": time.perf_counter() - start,

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from abkd_deploy.data import load_dataset
+from abkd_deploy.distill.graphs import build_for_data
 from abkd_deploy.distill.specs import TeacherSpec
 from abkd_deploy.distill.trainer import TrainConfig, Trainer
 from abkd_deploy.errors import CheckpointError
-from abkd_deploy.models import build_model, count_parameters, save_model
+from abkd_deploy.models import save_model
+from abkd_deploy.models.typed import parameter_counts
 from abkd_deploy.plots import plot_curves
 from abkd_deploy.rundir import checkpoint_hashes
 from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
@@ -48,6 +50,7 @@ def train_teacher(
     Returns:
         The metrics written to ``out/metrics.json``: ``val_acc``/``test_acc`` (the
         dataset's metric, named ``*_acc`` for every metric), ``metric``, ``params``,
+        ``params_without_embeddings`` (typed models' embedding tables left out),
         ``best_epoch``, ``seconds_per_epoch``, ``seconds``.
     """
     train = train or TrainConfig()
@@ -57,13 +60,8 @@ def train_teacher(
     if dropout is None:
         dropout = 0.6 if arch == "gcnii" else 0.5
     seed_everything(train.seed)  # model initialisation is part of the seeded run
-    model = build_model(
-        arch,
-        in_channels=data.num_features,
-        hidden=hidden,
-        out_channels=data.num_classes,
-        num_layers=layers,
-        dropout=dropout,
+    model = build_for_data(
+        arch, data, dataset, hidden=hidden, num_layers=layers, dropout=dropout, role="teacher"
     )
     result = Trainer(model, data, train, desc=f"teacher {arch}").fit()
     ref = dataset_ref(dataset, root, split)
@@ -74,7 +72,7 @@ def train_teacher(
             "dataset": ref,
             "metric": data.metric,
             "arch": arch,
-            "params": count_parameters(model),
+            **parameter_counts(model),  # params, params_without_embeddings
             "val_acc": result.scores["val"],
             "test_acc": result.scores["test"],
             "train_acc": result.scores["train"],

@@ -7,7 +7,7 @@ leaves one layer per request: gather the ``K_L`` table rows of each target inste
 its whole ``prod(1 + K_l)``-row receptive-field tree. The last layer's own linear map is
 folded into ``H`` as well (:mod:`abkd_deploy.export.fold`), so a request is two gathers
 of ``C``-wide rows and a weighted sum. Outputs equal the tree form's up to float rounding
-(validation compares them, see :func:`abkd_deploy.export.adjacency.build_embedded`).
+(validation compares them, see :func:`abkd_deploy.export.embedded_adjacency.build_embedded`).
 
 Only for :class:`~abkd_deploy.models.base.LayerStack` students whose layers read their
 input through the operand alone (``gcn``, ``sage``); ``gat`` and ``gcnii`` keep the tree.

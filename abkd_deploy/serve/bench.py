@@ -384,6 +384,8 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"| {r['throughput_nps']:,.0f} | {r['peak_rss_mb']:.0f} | {size} "
             f"| {r['accuracy']:.4f} |"
         )
+    if not report["results"]:  # bench --http with --models ''
+        lines = [*lines[:-2], "No in-process models were measured."]
     lines += ["", "samples: requests per trial x trials; percentiles are per trial, then median."]
     if report.get("ratios"):
         lines.append("")

@@ -51,6 +51,9 @@ from abkd_deploy.serve.bench_client import ClientPool, LoadJob, TrialResult
 TARGETS = ("serve", "floor")
 #: Scores of ``serve`` may differ this much from an in-process Predictor call.
 SCORE_TOLERANCE = 1e-5
+#: Seconds the rest of a server's process group may take to exit after its leader
+#: (multiprocessing's resource tracker of ``--workers`` exits just after the parent).
+LINGER_S = 5.0
 #: A percentile resting on fewer requests per trial than this gets a warning.
 MIN_SAMPLES = 20
 
@@ -212,10 +215,17 @@ def _last_line(path: Path) -> str:
 
 
 def stop_server(
-    server: ServerProcess, timeout_s: float = 60.0, rss: dict[str, float] | None = None
+    server: ServerProcess,
+    timeout_s: float = 60.0,
+    rss: dict[str, float] | None = None,
+    linger_s: float = LINGER_S,
 ) -> dict[str, Any]:
     """SIGTERM, wait (then SIGKILL the group); records exit status, leftovers, port and
-    the RSS per process (``rss``, measured before the SIGTERM, or now)."""
+    the RSS per process (``rss``, measured before the SIGTERM, or now).
+
+    Processes of the group still alive ``linger_s`` after the leader exited (or when it
+    did not exit within ``timeout_s``) are leftovers: recorded, then killed.
+    """
     if server.stopped:
         return server.stopped
     proc, pgid = server.proc, server.proc.pid
@@ -223,7 +233,7 @@ def stop_server(
     server.terminate()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout_s)
-    leftovers = group_pids(pgid)
+    leftovers = _wait_group_empty(pgid, linger_s if proc.poll() is not None else 0.0)
     if leftovers or proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
@@ -235,6 +245,14 @@ def stop_server(
         "rss_mb": rss,
     }
     return server.stopped
+
+
+def _wait_group_empty(pgid: int, timeout_s: float) -> list[int]:
+    """The group's live processes once it is empty or ``timeout_s`` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while (pids := group_pids(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
 
 
 def raw_request(body: bytes, port: int) -> bytes:
@@ -375,7 +393,9 @@ def run_http_bench(
     with tempfile.TemporaryDirectory(prefix="abkd-bench-http-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            port, floor_port = free_port(), free_port()
+            port = floor_port = free_port()
+            while floor_port == port:
+                floor_port = free_port()
             (tmp / "ready").mkdir()
             floor_cmd = [sys.executable, "-m", "abkd_deploy.serve.bench_floor"]
             floor_cmd += [str(tmp / "bodies.json"), str(floor_port), str(opts.workers)]

@@ -47,6 +47,9 @@ HTTP_DEPLOYMENT = "HttpFront"
 MODEL_MAX_ONGOING = 256
 #: Requests waiting for a model replica before the front answers 503 ``unavailable``.
 MODEL_MAX_QUEUED = 10_000
+#: Ray Serve's logging of the proxy and replicas: warnings only, no access-log line per
+#: request (which costs throughput).
+QUIET_LOGS = {"log_level": "WARNING", "enable_access_log": False}
 
 
 def require_ray() -> None:
@@ -181,7 +184,8 @@ def build_application(
     Args:
         export_dir: an ``embedded`` export directory (readable from every Ray node).
         replicas: model replicas (and HTTP front replicas).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (per replica).
+        device: ``auto`` (CPU: replicas get no GPU from Ray), ``cpu``, or ``cuda`` /
+            ``cuda:N`` (each replica asks Ray for one GPU and runs on the one it gets).
         threads: onnxruntime intra-op threads per model replica.
         max_batch: node ids per model run (``@serve.batch`` max_batch_size, counted in ids).
         max_wait_ms: ``@serve.batch`` batch_wait_timeout_s, in milliseconds.
@@ -193,19 +197,24 @@ def build_application(
     front = FrontSettings(
         replicas, max_batch, max_wait_ms, int(max_ids or max_batch), body_timeout_s
     )
+    on_cuda = device.startswith("cuda")
+    replica_device = "cuda" if on_cuda else device
 
     @serve.deployment(
         name=MODEL_DEPLOYMENT,
         num_replicas=replicas,
         max_ongoing_requests=MODEL_MAX_ONGOING,
         max_queued_requests=MODEL_MAX_QUEUED,
-        ray_actor_options={"num_cpus": 1},
+        # Ray hides GPUs from actors that do not ask for one, and shows the one it assigns
+        # as device 0: a cuda replica asks for a GPU and runs on "cuda".
+        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if on_cuda else 0},
+        logging_config=QUIET_LOGS,
     )
     class StudentModel:
         """One Predictor; requests are micro-batched by ``@serve.batch``."""
 
         def __init__(self) -> None:
-            self.predictor = Predictor(export_dir, device, threads, max_batch)
+            self.predictor = Predictor(export_dir, replica_device, threads, max_batch)
             self.with_embedding = self.predictor.has_embedding
             self.predict.set_max_batch_size(max_batch)
             self.predict.set_batch_wait_timeout_s(max_wait_ms / 1000.0)
@@ -237,6 +246,7 @@ def build_application(
         num_replicas=replicas,
         max_ongoing_requests=MODEL_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0},
+        logging_config=QUIET_LOGS,
     )
     @serve.ingress()
     class HttpFront:
@@ -288,7 +298,7 @@ def serve_ray(
         ray_address: an existing cluster (``ray://host:10001``, ``host:6379`` or ``auto``).
         host: interface of Ray's HTTP proxy.
         port: its TCP port (0: a free one).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (per replica).
+        device: per replica, as in :func:`build_application`.
         threads: onnxruntime intra-op threads per model replica.
         max_batch: node ids per model run (``max_batch_size``).
         max_wait_ms: the longest a request waits for company (``batch_wait_timeout_s``).
@@ -308,9 +318,10 @@ def serve_ray(
     if replicas < 1:
         raise ConfigError(f"replicas must be >= 1, got {replicas}")
     limits = limits or HttpLimits()
-    # the same checks as the built-in server (limits, embedded format, hashes) before Ray
+    # the same checks as the built-in server (limits, embedded format, hashes) before Ray;
+    # on the CPU: the GPUs (if any) are for the replicas
     create_app(
-        Predictor(export_dir, device, threads, max_batch),
+        Predictor(export_dir, "cpu", threads, max_batch),
         max_batch,
         max_wait_ms,
         max_ids,
@@ -335,13 +346,15 @@ def serve_ray(
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = ray_address or "a local instance"
-        raise ServeError(f"cannot start Ray ({where}): {first_line(exc)}") from None
+        hint = ""
+        if ray_address and "RAY_AUTH_MODE" not in os.environ:
+            hint = " (a token-authenticated cluster needs RAY_AUTH_MODE=token and its token)"
+        raise ServeError(f"cannot start Ray ({where}): {first_line(exc)}{hint}") from None
     stop = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        serve.start(http_options={"host": host, "port": port})
         app = build_application(
             export_dir,
             replicas,
@@ -352,7 +365,13 @@ def serve_ray(
             max_ids,
             limits.body_timeout_s,
         )
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGS)
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except Exception as exc:  # e.g. a replica that cannot load the export on its node
+            raise ServeError(
+                f"Ray Serve could not deploy {export_dir}: {first_line(exc)}"
+            ) from None
         print(f"abkd-deploy serve: Ray Serve, {replicas} replica(s) of {export_dir}", flush=True)
         print(f"abkd-deploy serve: listening on http://{host}:{port}", flush=True)
         while not stop.wait(0.5):

@@ -52,6 +52,13 @@ from abkd_deploy.serve.errors import BatchTooLarge, RequestError, RequestTimeout
 from abkd_deploy.serve.limits import HttpLimits, http_protocol, uvicorn_config
 from abkd_deploy.serve.metrics import CONTENT_TYPE, ServeMetrics
 from abkd_deploy.serve.predictor import Prediction, Predictor
+from abkd_deploy.serve.versions import (
+    DEFAULT_POLL_S,
+    ModelVersions,
+    ServedModel,
+    VersionMetrics,
+    VersionWatcher,
+)
 from abkd_deploy.serve.wire import (
     BINARY_TYPE,
     JSON_TYPE,
@@ -112,7 +119,7 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
 
 def create_app(
-    predictor: Predictor,
+    predictor: Predictor | ModelVersions,
     max_batch: int | None = None,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_ids_per_request: int | None = None,
@@ -123,7 +130,9 @@ def create_app(
     """Builds the serving app (the batcher starts and drains with the app's lifespan).
 
     Args:
-        predictor: the loaded model (an ``embedded`` export).
+        predictor: the loaded model (an ``embedded`` export), or the versions of a model
+            directory (:class:`~abkd_deploy.serve.versions.ModelVersions`: hot swap, and
+            ``model_version`` in every answer).
         max_batch: node ids per model run (default: ``min(predictor.max_batch, 1024)``).
         max_wait_ms: the longest a request waits for others to reach ``min_batch`` ids
             (an upper bound, not a delay: a free model runs a request at once).
@@ -135,6 +144,11 @@ def create_app(
     Raises:
         ConfigError: limits that do not fit together, or a non-``embedded`` export.
     """
+    if isinstance(predictor, ModelVersions):
+        models = predictor
+        predictor = models.current.predictor
+    else:
+        models = ModelVersions(ServedModel(predictor, None, predictor.export_dir))
     if predictor.format != "embedded":
         raise ConfigError(
             f"serve needs an 'embedded' export; {predictor.export_dir} is {predictor.format!r}"
@@ -154,25 +168,32 @@ def create_app(
     max_body = 4096 + 64 * max_ids
     with_embedding = predictor.has_embedding
     metrics = ServeMetrics(info={"provider": predictor.provider, "format": predictor.format})
+    if models.watcher is not None:
+        models.metrics = models.watcher.metrics = VersionMetrics(metrics)
     tally = RequestTally()
 
-    def run_batch(ids: Any) -> Prediction:
-        start = time.perf_counter()
-        pred = predictor.predict(ids, return_embedding=with_embedding)
-        metrics.observe_batch(len(pred), time.perf_counter() - start)
-        return pred
+    def make_batcher(model: Predictor) -> MicroBatcher:
+        """One batcher per model version: a run never mixes versions."""
+
+        def run_batch(ids: Any) -> Prediction:
+            start = time.perf_counter()
+            pred = model.predict(ids, return_embedding=model.has_embedding)
+            metrics.observe_batch(len(pred), time.perf_counter() - start)
+            return pred
+
+        return MicroBatcher(
+            run_batch, max_batch, max_wait_ms, max_queue=max_queue, min_batch=min_batch
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = MicroBatcher(
-            run_batch, max_batch, max_wait_ms, max_queue=max_queue, min_batch=min_batch
-        )
-        app.state.batcher = batcher
+        models.start(make_batcher)
+        app.state.batcher = models.current.batcher
         log.info("serving %r: max_batch=%d max_wait_ms=%s", predictor, max_batch, max_wait_ms)
         try:
             yield
         finally:
-            await asyncio.to_thread(batcher.close)
+            await asyncio.to_thread(models.close)
             log.info("micro-batcher drained")
 
     app = FastAPI(
@@ -180,6 +201,7 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.predictor = predictor
+    app.state.models = models
     app.state.tally = tally
     app.add_middleware(RequestAccounting, metrics=metrics, tally=tally)
 
@@ -189,25 +211,31 @@ def create_app(
     async def predict(request: Request) -> Response:
         try:
             body = await _read_body(request, max_body, body_timeout_s)
-            req = parse_request(body, predictor.num_nodes, max_ids, with_embedding)
-            pred = await request.app.state.batcher.apredict(req.ids)
+            served, req, pred = await models.apredict(
+                lambda m: parse_request(body, m.predictor.num_nodes, max_ids, with_embedding),
+                lambda batcher, req: batcher.apredict(req.ids),
+            )
         except (RequestError, Unavailable) as exc:
             request.scope[ERROR_CODE_KEY] = exc.code
             headers = None
             if isinstance(exc, RequestTimeout) or exc.code == "too_large":
                 headers = {"connection": "close"}  # the rest of the body may still come
             return JSONResponse(_error_body(exc, exc.code), exc.http_status, headers=headers)
+        version = served.version
+        headers = None if version is None else {"x-model-version": str(version)}
         if wants_binary(request.headers.get("accept", "")):
-            return Response(encode_binary(pred, req), media_type=BINARY_TYPE)
-        return Response(encode_json(pred, req), media_type=JSON_TYPE)
+            return Response(encode_binary(pred, req), media_type=BINARY_TYPE, headers=headers)
+        return Response(encode_json(pred, req, version), media_type=JSON_TYPE, headers=headers)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:
-        batcher = getattr(request.app.state, "batcher", None)
+        served = models.current
+        batcher = served.batcher
         ok = batcher is not None and not batcher.closed
         body = {
             "status": "ok" if ok else "unavailable",
-            **predictor.info(),
+            **served.predictor.info(),
+            **({} if served.version is None else {"model_version": served.version}),
             "max_batch": max_batch,
             "max_wait_ms": max_wait_ms,
             "min_batch": min_batch,
@@ -285,12 +313,28 @@ class AppSettings:
     limits: HttpLimits = field(default_factory=HttpLimits)
     log_level: str = "info"
     http: str = "auto"
+    poll_s: float = DEFAULT_POLL_S
+
+    def load(self, export_dir: str | Path) -> Predictor:
+        """One export directory's :class:`Predictor` (every file's hash checked)."""
+        return Predictor(
+            export_dir, device=self.device, threads=self.threads, max_batch=self.max_batch
+        )
 
     def build(self) -> FastAPI:
-        """Loads the model and builds the app (``app.state.predictor``)."""
-        predictor = Predictor(
-            self.export_dir, device=self.device, threads=self.threads, max_batch=self.max_batch
-        )
+        """Loads the model and builds the app (``app.state.predictor``). A model directory
+        ``REPO/<model>`` of version folders is served with hot swap (:mod:`.versions`)."""
+        from abkd_deploy.model_repo import is_model_dir
+
+        if is_model_dir(self.export_dir):
+            if not self.poll_s > 0:
+                raise ConfigError(f"poll_s must be > 0 seconds, got {self.poll_s!r}")
+            watcher = VersionWatcher(self.export_dir, self.load)
+            predictor: Predictor | ModelVersions = ModelVersions(
+                watcher.initial(), watcher, self.poll_s
+            )
+        else:
+            predictor = self.load(self.export_dir)
         return create_app(
             predictor,
             self.max_batch,
@@ -303,9 +347,11 @@ class AppSettings:
 
 def model_line(app: FastAPI) -> str:
     """``embedded model on CPUExecutionProvider`` (plus the device note, if any)."""
-    info = app.state.predictor.info()
+    served = app.state.models.current
+    info = served.predictor.info()
     note = f" ({info['device_note']})" if info["device_note"] else ""
-    return f"{info['format']} model on {info['provider']}{note}"
+    where = "" if served.version is None else f" version {served.version} ({served.path})"
+    return f"{info['format']} model{where} on {info['provider']}{note}"
 
 
 def run_app(
@@ -366,6 +412,7 @@ def serve(
     min_batch: int = 1,
     workers: int = 1,
     http: str = "auto",
+    poll_s: float = DEFAULT_POLL_S,
 ) -> None:
     """Loads ``export_dir`` and serves it over HTTP with uvicorn until SIGTERM/SIGINT.
 
@@ -375,7 +422,9 @@ def serve(
     the timeout cut off requests, they get a JSON 503 and this function raises.
 
     Args:
-        export_dir: an ``embedded`` export directory.
+        export_dir: an ``embedded`` export directory, or a model directory
+            ``REPO/<model>`` of integer version folders (the newest valid one is served and
+            swapped while running: :mod:`abkd_deploy.serve.versions`).
         host: interface to bind (loopback by default: the API has no authentication).
         port: TCP port (0 picks a free one).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -389,6 +438,7 @@ def serve(
         min_batch: ids worth waiting for (up to ``max_wait_ms``); 1: never wait.
         workers: server processes (each loads the model; see :mod:`.workers`).
         http: HTTP parser: ``auto`` (httptools when installed), ``httptools`` or ``h11``.
+        poll_s: a model directory is scanned for new and removed versions this often.
 
     Raises:
         ServeError: the port cannot be bound (in use: one line, exit 1), or shutdown cut
@@ -406,6 +456,7 @@ def serve(
         limits or HttpLimits(),
         log_level,
         http,
+        poll_s,
     )
     http_protocol(http)  # an unknown or missing parser fails before anything loads
     if workers < 1:

@@ -12,6 +12,8 @@ Responses:
   from the numpy arrays; float32 values are written with the shortest decimal that reads
   back as the same float32 (``0.1``, not ``0.10000000149011612``).
 * ``"format": "top1"``: ``{"predictions": [...]}`` (no scores).
+* Serving a model directory (``REPO/<model>``): ``"model_version": N`` in every JSON
+  answer and an ``x-model-version`` header on every answer (binary ones included).
 * ``Accept: application/octet-stream``: a binary body, :data:`BINARY_HEADER` then the
   arrays (see :func:`encode_binary`).
 """
@@ -133,14 +135,18 @@ def wants_binary(accept: str) -> bool:
     return BINARY_TYPE in accept.lower()
 
 
-def encode_json(pred: Prediction, request: PredictRequest) -> bytes:
+def encode_json(
+    pred: Prediction, request: PredictRequest, model_version: int | None = None
+) -> bytes:
     """The JSON answer: ``predictions`` [n] ints, ``scores`` [n, C] (not for ``top1``),
-    ``embeddings`` [n, D] when asked for."""
+    ``embeddings`` [n, D] when asked for, ``model_version`` when serving a model directory."""
     content: dict[str, Any] = {"predictions": np.ascontiguousarray(pred.classes)}
     if request.format == "full":
         content["scores"] = np.ascontiguousarray(pred.scores, dtype=np.float32)
     if request.return_embedding:
         content["embeddings"] = np.ascontiguousarray(pred.embedding, dtype=np.float32)
+    if model_version is not None:
+        content["model_version"] = int(model_version)
     return orjson.dumps(content, option=_NUMPY)
 
 

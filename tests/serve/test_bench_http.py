@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,10 @@ from abkd_deploy.serve import Predictor
 from abkd_deploy.serve.bench import bench
 from abkd_deploy.serve.bench_http import (
     HttpOptions,
+    free_port,
     group_pids,
+    http_warnings,
+    launch,
     port_is_free,
     serve_command,
     start_server,
@@ -109,8 +114,6 @@ def test_gate_flags_an_http_regression(http_run: dict) -> None:
 def test_server_lifecycle_and_answers(embedded_dir: Path, tmp_path: Path) -> None:
     import http.client
 
-    from abkd_deploy.serve.bench_http import free_port
-
     port = free_port()
     command = serve_command(embedded_dir, port, HttpOptions(), "cpu", 1)
     server = start_server("serve", command, port, tmp_path, 60.0)
@@ -141,3 +144,23 @@ def test_bad_http_options(embedded_dir: Path) -> None:
         bench(embedded_dir, models=(), progress=False)  # nothing to measure without --http
     result = CliRunner().invoke(main, ["bench", str(embedded_dir), "--http-concurrency", "x"])
     assert result.exit_code == 2 and "--http-concurrency" in result.output
+
+
+def test_a_leftover_process_is_reported_and_killed(tmp_path: Path) -> None:
+    # a "server" whose child survives it: the bench must notice, kill it and say so
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "child = subprocess.Popen(['sleep', '60'])\n"
+        "print(child.pid, flush=True)\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        "time.sleep(60)\n"
+    )
+    server = launch("stubborn", [sys.executable, "-c", script], free_port(), tmp_path)
+    deadline = time.monotonic() + 20
+    while not server.log_path.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(server.log_path.read_text().split()[0])
+    stopped = stop_server(server, linger_s=0.2)
+    assert stopped["exit_code"] == 0 and stopped["leftover_pids"] == [child]
+    assert group_pids(server.proc.pid) == []  # killed afterwards
+    assert "leftover processes" in http_warnings([], {"stubborn": stopped})[0]
