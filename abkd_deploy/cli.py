@@ -449,12 +449,15 @@ def _run_compare(specs: dict[str, Any], methods: str | None, out: str) -> None:
     "any file its manifest does not list, or overlaps RUN_DIR).",
 )
 @click.option(
-    "--precompute/--no-precompute",
-    default=True,
+    "--precompute",
+    type=click.Choice(["hidden", "all", "none"]),
+    default="hidden",
     show_default=True,
-    help="embedded gcn/sage students: store layers 1..L-1's outputs for every node, so a "
-    "request runs only the last layer (same outputs, much less work per request).",
+    help="embedded: hidden stores layers 1..L-1's outputs for every node (gcn/sage), so a "
+    "request runs only the last layer; all stores every node's final outputs (any arch: "
+    "the model is one lookup); none gathers the L-hop tree per request. Same outputs.",
 )
+@click.option("--no-precompute", is_flag=True, help="Same as --precompute none.")
 @_friendly
 def export(
     run_dir: str, out_dir: str | None, repo_dir: str | None, formats: tuple[str, ...], **kwargs: Any
@@ -468,6 +471,8 @@ def export(
         raise ConfigError("--force is for --out; --repo always writes a new version")
     _check_list("export format", formats, names.EXPORT_FORMATS)
     check_name("adjacency format", kwargs["adjacency"], names.ADJACENCY_FORMATS)
+    if kwargs.pop("no_precompute"):
+        kwargs["precompute"] = "none"
     check_name("dtype", kwargs["dtype"], names.EXPORT_DTYPES)
     from abkd_deploy.export.api import export as run_export
 
@@ -843,6 +848,7 @@ def bench(export_dir: str, **kw: Any) -> None:
     """Latency, memory and accuracy of the student (onnxruntime, eager) vs the teacher."""
     models = tuple(m.strip() for m in kw.pop("models").split(",") if m.strip())
     _check_list("bench model", models, names.BENCH_MODELS)
+    _require_training_stack()
     if kw["out"]:  # a bad --out is refused before the benchmark runs
         _check_bench_out(kw["out"], export_dir, kw["teacher"])
     from abkd_deploy.serve.bench import bench as run_bench
@@ -872,6 +878,16 @@ def bench(export_dir: str, **kw: Any) -> None:
         click.echo(format_regressions(regressions, tol))
         if regressions:
             sys.exit(1)
+
+
+def _require_training_stack() -> None:
+    """``bench`` reads the test split and runs PyTorch workers: without the ``train`` extra
+    it stops here, with the hint :func:`_friendly` gives for a missing training package."""
+    import importlib.util
+
+    for module in ("torch", "torch_geometric"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
 def _check_bench_out(out: str, export_dir: str, teacher: str | None) -> None:

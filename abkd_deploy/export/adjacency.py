@@ -55,7 +55,7 @@ class ExportContext:
         dtype: Artifact float dtype name (``float32`` / ``float16``), for the specs.
         precompute: ``embedded`` only: store the outputs of layers ``1..L-1`` instead of
             computing them per request (:mod:`abkd_deploy.export.precompute`), where the
-            architecture allows it.
+            architecture allows it; ``"all"``: store every node's outputs (a lookup).
     """
 
     student: GNN
@@ -65,7 +65,7 @@ class ExportContext:
     sampler: NeighborSampler
     eval_ids: Tensor
     dtype: str = "float32"
-    precompute: bool = False
+    precompute: bool | str = False
 
     @property
     def tables(self) -> list[FanoutTable]:

@@ -38,6 +38,7 @@ from abkd_deploy.export.options import (
     check_supported,
     resolve_formats,
 )
+from abkd_deploy.export.precompute import precompute_mode
 from abkd_deploy.export.reference import (
     ReferenceScores,
     export_context,
@@ -68,7 +69,7 @@ def export(
     force: bool = False,
     seed: int = 0,
     progress: bool = True,
-    precompute: bool = True,
+    precompute: bool | str = True,
 ) -> dict[str, Any]:
     """Exports the student of ``run_dir`` into ``out_dir`` (see module docstring).
 
@@ -90,7 +91,8 @@ def export(
         progress: Print steps and validation results to stderr.
         precompute: ``embedded`` ``gcn``/``sage`` students: store the outputs of layers
             ``1..L-1`` for every node (computed once here), so a request runs only the
-            last layer (:mod:`abkd_deploy.export.precompute`). Same outputs.
+            last layer (:mod:`abkd_deploy.export.precompute`). Same outputs. ``"all"``
+            (``embedded`` only): store every node's outputs, the graph is a lookup.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -106,6 +108,7 @@ def export(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     fmts = resolve_formats(formats)
     adj = ADJACENCY.get(adjacency)
+    precompute_mode(precompute, adj.name)  # a bad value or `all` for ell/coo: refused now
     target = _Target(opset, dtype, check_options(adj, opset, dtype, atol))
     verify_run_dir(run_dir)
     student, meta = load_model(run_dir, "student")

@@ -24,7 +24,13 @@ from abkd_deploy.export.adjacency import (
 from abkd_deploy.export.fold import fold_input_transform
 from abkd_deploy.export.formats import Runner
 from abkd_deploy.export.modules import TABLE_FIRST_ARCHS, EmbeddedStudent
-from abkd_deploy.export.precompute import can_precompute, precompute_student
+from abkd_deploy.export.precompute import (
+    OUTPUT_CHUNK,
+    can_precompute,
+    output_tables,
+    precompute_mode,
+    precompute_student,
+)
 
 
 def build_embedded(ctx: ExportContext) -> ExportSpec:
@@ -47,10 +53,15 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
         )
         features, layout = folded.features, "first_linear_folded"
     tree, precomputed = module, 0
-    if ctx.precompute and can_precompute(student):
+    mode = precompute_mode(ctx.precompute, "embedded")
+    if mode != "none" and can_precompute(student):
         module = precompute_student(student, ctx.data.x, ctx.tables, index_dtype)
         features, layout = module.last.features, "precomputed"
         precomputed = student.num_layers - 1
+    if mode == "all":  # every output stored: the graph is the lookup
+        module = output_tables(module.eval(), n_nodes, ctx.batch_limit(OUTPUT_CHUNK))
+        features, layout = module.logits_table, "outputs"
+        precomputed = student.num_layers
     gen = ctx.generator()
     example = (torch.randint(0, n_nodes, (11,), generator=gen),)
     seven = torch.randint(0, n_nodes, (7,), generator=gen)
@@ -81,13 +92,14 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
         validation=validation,
         logits=logits,
         params={
-            "layout": "tree",
+            "layout": "lookup" if mode == "all" else "tree",
             "index_dtype": str(index_dtype).removeprefix("torch."),
             "features": layout,
             "feature_width": int(features.size(1)),
             "dst_features": module.dst_features is not None,
             "first_layer": "table" if precomputed or module.table_first else "tree",
             "precomputed_layers": precomputed,
+            "precompute": mode if precomputed else "none",
         },
         reference=tree if precomputed else None,
     )

@@ -11,6 +11,10 @@ of ``C``-wide rows and a weighted sum. Outputs equal the tree form's up to float
 
 Only for :class:`~abkd_deploy.models.base.LayerStack` students whose layers read their
 input through the operand alone (``gcn``, ``sage``); ``gat`` and ``gcnii`` keep the tree.
+
+``--precompute all`` goes one step further, for every architecture: the whole model's
+outputs are constants too, so :func:`output_tables` stores them and the artifact is a
+lookup (:class:`OutputTables`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from abkd_deploy.data.ell import FanoutTable
+from abkd_deploy.errors import ConfigError
 from abkd_deploy.export.fold import fold_input_transform
 from abkd_deploy.export.modules import EmbeddedStudent, TableBlock
 from abkd_deploy.models.base import GNN, LayerStack
@@ -140,3 +145,76 @@ def precompute_student(
         table_first=True,
     )
     return PrecomputedStudent(module, hidden)
+
+
+#: ``precompute`` values: ``True`` / ``"hidden"`` (layers ``1..L-1``, the default),
+#: ``False`` / ``"none"``, and ``"all"`` (every output, :class:`OutputTables`).
+PRECOMPUTE_MODES = ("hidden", "none", "all")
+#: Target nodes per chunk when the output tables are computed.
+OUTPUT_CHUNK = 16384
+
+
+def precompute_mode(value: bool | str, adjacency: str) -> str:
+    """Normalises ``export(precompute=...)`` to one of :data:`PRECOMPUTE_MODES`.
+
+    Args:
+        value: ``True``, ``False`` or a mode name.
+        adjacency: the adjacency format's name (``all`` needs ``embedded``: node ids in).
+
+    Raises:
+        ConfigError: an unknown value, or ``all`` for a format that takes its graph as input.
+    """
+    mode = ("hidden" if value else "none") if isinstance(value, bool) else value
+    if mode not in PRECOMPUTE_MODES:
+        raise ConfigError(f"unknown precompute mode {value!r}; expected one of {PRECOMPUTE_MODES}")
+    if mode == "all" and adjacency != "embedded":
+        raise ConfigError(
+            f"--precompute all stores every node's outputs and needs --adjacency embedded; "
+            f"{adjacency!r} takes its graph as input (use --precompute hidden or none)"
+        )
+    return mode
+
+
+class OutputTables(nn.Module):
+    """``embedded`` module reduced to a lookup (``--precompute all``).
+
+    With the features and fanout tables baked in, every output of node ``v`` is a
+    constant: this stores them (``logits_table`` [N, C], ``embedding_table`` [N, d]) and a
+    request is one ONNX ``Gather`` of ``node_ids`` per output, exact for the embedded
+    snapshot (the tables are the export-form module's own outputs).
+
+    Args:
+        logits: [N, C] logits of every node.
+        embedding: [N, d] embedding of every node.
+    """
+
+    dst_features = None  # what build_embedded reports for the layer-1 destination table
+
+    def __init__(self, logits: Tensor, embedding: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("logits_table", logits.contiguous())
+        self.register_buffer("embedding_table", embedding.contiguous())
+
+    def forward(self, node_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``node_ids`` [B] int64 -> ``(logits [B, C], embedding [B, d])`` (plain Gathers)."""
+        return F.embedding(node_ids, self.logits_table), F.embedding(node_ids, self.embedding_table)
+
+
+@torch.no_grad()
+def output_tables(module: nn.Module, num_nodes: int, chunk: int = OUTPUT_CHUNK) -> OutputTables:
+    """Runs an ``embedded`` module on every node id (in chunks) and stores its outputs.
+
+    Args:
+        module: ``node_ids -> (logits, embedding)`` (tree or precomputed form), eval mode.
+        num_nodes: N.
+        chunk: node ids per call (bounds the temporary memory).
+
+    Returns:
+        The lookup module; row ``v`` of each table is ``module([v])``.
+    """
+    logits, embedding = [], []
+    for start in range(0, num_nodes, max(1, int(chunk))):
+        out = module(torch.arange(start, min(num_nodes, start + chunk)))
+        logits.append(out[0])
+        embedding.append(out[1])
+    return OutputTables(torch.cat(logits), torch.cat(embedding))

@@ -43,6 +43,6 @@ def build_export_module(export_dir: str | Path) -> nn.Module:
         adj.get("fanouts") or None,  # None (exact formats): the format's own fanouts
         int(adj.get("sampling_seed") or 0),
         manifest.get("dtype", "float32"),
-        precompute=bool(adj.get("precomputed_layers")),
+        precompute=adj.get("precompute") or bool(adj.get("precomputed_layers")),
     )
     return fmt.build(ctx).module.eval()

@@ -60,7 +60,7 @@ def export_context(
     fanouts: str | int | Sequence[int | str] | None,
     seed: int,
     dtype: str = "float32",
-    precompute: bool = False,
+    precompute: bool | str = False,
 ) -> ExportContext:
     """The CSR, fanout tables (``adjacency.fanouts``, seeded) and scored test nodes.
 

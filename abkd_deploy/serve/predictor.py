@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 #: Default cap on node ids per model run.
 DEFAULT_MAX_BATCH = 4096
+#: onnxruntime intra-op threads of an ``embedded`` model when none are asked for (idle
+#: threads never spin): its call is a few gathers of narrow rows, and a second thread was
+#: no faster at batch 1024 and up to 3x slower on a busy machine (docs/BENCHMARKS.md
+#: "Model call (issue 10)").
+EMBEDDED_THREADS = 1
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -67,7 +72,8 @@ class Predictor:
     Args:
         export_dir: directory with ``manifest.json`` and ``model.onnx``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if it really runs, else CPU).
-        threads: onnxruntime intra-op threads (``None``: its default).
+        threads: onnxruntime intra-op threads (``None``: :data:`EMBEDDED_THREADS` without
+            spinning for an ``embedded`` export, onnxruntime's default for the others).
         max_batch: the most node ids one :meth:`predict` call takes.
         verify: check the SHA-256 of every file in ``manifest["files"]`` (default ``True``).
 
@@ -101,8 +107,11 @@ class Predictor:
         if verify:
             verify_files(self.export_dir, self.manifest)
         model_path = self.export_dir / onnx_file(self.manifest)
+        spinning = None
+        if threads is None and self.manifest["adjacency"]["format"] == "embedded":
+            threads, spinning = EMBEDDED_THREADS, False
         try:
-            self._info = create_session(model_path, device, threads)
+            self._info = create_session(model_path, device, threads, spinning)
         except (DeviceError, ConfigError):
             raise
         except Exception as exc:
@@ -149,9 +158,10 @@ class Predictor:
         names = ["logits", "embedding"] if return_embedding else ["logits"]
         outs = self._run({"node_ids": ids}, names)
         logits = np.asarray(outs[0], dtype=np.float32)
+        classes = logits.argmax(axis=1).astype(np.int64)
         return Prediction(
-            classes=logits.argmax(axis=1).astype(np.int64),
-            scores=softmax(logits.copy()),
+            classes=classes,
+            scores=softmax(logits),  # in place: the array is this run's own
             embedding=np.asarray(outs[1]) if return_embedding else None,
         )
 

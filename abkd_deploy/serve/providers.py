@@ -59,11 +59,13 @@ def parse_device(device: str) -> tuple[str, int]:
     raise ConfigError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:
     """Session options: all graph optimisations, ``threads`` intra-op threads.
 
     Args:
         threads: intra-op threads; ``None`` lets onnxruntime use one per physical core.
+        spinning: whether idle intra-op threads busy-wait for work
+            (``session.intra_op.allow_spinning``); ``None``: onnxruntime's default (on).
 
     Raises:
         ConfigError: ``threads`` is below 1.
@@ -76,6 +78,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
+    if spinning is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
 
 
@@ -105,7 +109,10 @@ def _try_cuda(
 
 
 def create_session(
-    model_path: str | os.PathLike[str], device: str = "auto", threads: int | None = None
+    model_path: str | os.PathLike[str],
+    device: str = "auto",
+    threads: int | None = None,
+    spinning: bool | None = None,
 ) -> SessionInfo:
     """Creates an inference session on the requested device.
 
@@ -113,6 +120,7 @@ def create_session(
         model_path: the ``.onnx`` file (external data next to it is found by onnxruntime).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if it really runs, else CPU).
         threads: intra-op threads (``None``: onnxruntime's default).
+        spinning: idle intra-op threads busy-wait (``None``: onnxruntime's default).
 
     Returns:
         The session and the provider that runs it.
@@ -122,7 +130,7 @@ def create_session(
         ConfigError: unknown device name or bad thread count.
     """
     kind, device_id = parse_device(device)
-    opts = session_options(threads)
+    opts = session_options(threads, spinning)
     path = os.fspath(model_path)
     note = ""
     if kind in ("cuda", "auto"):

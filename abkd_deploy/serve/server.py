@@ -63,6 +63,7 @@ from abkd_deploy.serve.wire import (
     BINARY_TYPE,
     JSON_TYPE,
     BadRequest,
+    PredictRequest,
     encode_binary,
     encode_json,
     parse_request,
@@ -167,9 +168,13 @@ def create_app(
         raise ConfigError(f"body_timeout_s must be > 0 seconds, got {body_timeout_s!r}")
     max_body = 4096 + 64 * max_ids
     with_embedding = predictor.has_embedding
+    # requests queued or running that asked for embeddings (written by the event loop,
+    # read by the runs): a run fetches the embedding output only while one is
+    embedding_wanted = [0]
     metrics = ServeMetrics(info={"provider": predictor.provider, "format": predictor.format})
     if models.watcher is not None:
-        models.metrics = models.watcher.metrics = VersionMetrics(metrics)
+        models.metrics = VersionMetrics(metrics)
+        models.watcher.attach(models.metrics, models.current)
     tally = RequestTally()
 
     def make_batcher(model: Predictor) -> MicroBatcher:
@@ -177,7 +182,8 @@ def create_app(
 
         def run_batch(ids: Any) -> Prediction:
             start = time.perf_counter()
-            pred = model.predict(ids, return_embedding=model.has_embedding)
+            wanted = embedding_wanted[0] > 0 and model.has_embedding
+            pred = model.predict(ids, return_embedding=wanted)
             metrics.observe_batch(len(pred), time.perf_counter() - start)
             return pred
 
@@ -207,13 +213,22 @@ def create_app(
 
     app.add_exception_handler(StarletteHTTPException, http_error)
 
+    async def run_request(batcher: MicroBatcher, req: PredictRequest) -> Prediction:
+        if not req.return_embedding:
+            return await batcher.apredict(req.ids)
+        embedding_wanted[0] += 1
+        try:
+            return await batcher.apredict(req.ids)
+        finally:
+            embedding_wanted[0] -= 1
+
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         try:
             body = await _read_body(request, max_body, body_timeout_s)
             served, req, pred = await models.apredict(
                 lambda m: parse_request(body, m.predictor.num_nodes, max_ids, with_embedding),
-                lambda batcher, req: batcher.apredict(req.ids),
+                run_request,
             )
         except (RequestError, Unavailable) as exc:
             request.scope[ERROR_CODE_KEY] = exc.code

@@ -41,14 +41,16 @@ def as_node_ids(node_ids: Any, num_nodes: int, max_batch: int | None = None) -> 
         values = node_ids if isinstance(node_ids, (list, tuple)) else list(node_ids)
         if max_batch is not None and len(values) > max_batch:
             raise BatchTooLarge(len(values), max_batch)
+        arr = _fast_from_list(values, num_nodes)
+        if arr is not None:
+            return arr
         arr = _from_list(values, num_nodes)
     if arr.size == 0:
         raise InvalidNodeIds("node_ids is empty; expected at least one node id")
     if max_batch is not None and arr.size > max_batch:
         raise BatchTooLarge(int(arr.size), max_batch)
-    bad_mask = (arr < 0) | (arr >= num_nodes)
-    if bad_mask.any():
-        bad = arr[bad_mask].tolist()
+    if int(np.maximum.reduce(arr.view(np.uint64))) >= num_nodes:  # negatives are huge
+        bad = arr[(arr < 0) | (arr >= num_nodes)].tolist()
         raise InvalidNodeIds(_out_of_range(bad, num_nodes), bad)
     return np.ascontiguousarray(arr)
 
@@ -62,6 +64,25 @@ def _from_array(a: np.ndarray, num_nodes: int) -> np.ndarray:
         bad = a[a >= num_nodes].tolist()
         raise InvalidNodeIds(_out_of_range(bad, num_nodes), bad)
     return a.astype(np.int64, copy=False)
+
+
+def _fast_from_list(values: list[Any] | tuple[Any, ...], num_nodes: int) -> np.ndarray | None:
+    """The common case in a few C loops: a non-empty list of plain Python ints, all valid.
+
+    Returns the ``[n]`` int64 ids, or ``None`` for anything else (empty, other types such as
+    ``bool``/``float``/numpy scalars, ids beyond int64 or outside ``[0, num_nodes)``): the
+    element-wise path then gives exactly the error it always gave.
+    """
+    if not values or set(map(type, values)) != {int}:
+        return None
+    try:
+        arr = np.fromiter(values, np.int64, len(values))
+    except OverflowError:
+        return None
+    # one reduction checks both ends: negative ids are huge as uint64
+    if int(np.maximum.reduce(arr.view(np.uint64))) >= num_nodes:
+        return None
+    return arr
 
 
 def _from_list(values: list[Any] | tuple[Any, ...], num_nodes: int) -> np.ndarray:

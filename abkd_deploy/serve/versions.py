@@ -162,6 +162,14 @@ class VersionWatcher:
         self.failed: dict[int, tuple[Fingerprint | None, str]] = {}
         self._warned_empty = False
 
+    def attach(self, metrics: VersionMetrics, current: ServedModel | None = None) -> None:
+        """Starts counting into ``metrics``, with what happened before (the startup scan)."""
+        self.metrics = metrics
+        for version in self.failed:
+            metrics.failures.labels(str(version)).inc()
+        if current is not None and current.version is not None:
+            metrics.loads.labels(str(current.version)).inc()
+
     def validate(self, version: int, current: ServedModel | None) -> ServedModel:
         """Loads and checks one version fully.
 

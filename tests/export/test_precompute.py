@@ -107,3 +107,83 @@ def test_export_precompute_flag(sage_run, tmp_path):
 
     sess = ort.InferenceSession(str(tmp_path / "on" / "model.onnx"))
     assert np.abs(sess.run(None, {"node_ids": ids.numpy()})[0] - out).max() < 1e-5
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("arch", ["sage", "gat"])
+def test_precompute_all_is_a_lookup_equal_to_the_hidden_export(
+    sage_run, gcn_run, tmp_path, arch, tmp_path_factory
+):
+    if arch == "gat":  # no hidden precompute: the tables come from the per-request tree
+        from tests.export.conftest import make_run
+
+        run = make_run(tmp_path_factory.mktemp("gat_run"), "gat", epochs=3)
+    else:
+        run = sage_run
+    hidden = export(run, tmp_path / "hidden", progress=False)
+    every = export(run, tmp_path / "all", progress=False, precompute="all")
+    adj = every["adjacency"]
+    assert adj["precompute"] == "all" and adj["layout"] == "lookup"
+    assert adj["precomputed_layers"] == 2
+    assert hidden["adjacency"]["precompute"] == ("hidden" if arch == "sage" else "none")
+    assert (
+        every["validation"]["passed"]
+        and every["accuracy"]["exported"]["onnx"] == (hidden["accuracy"]["exported"]["onnx"])
+    )
+    # the graph is the lookup: one Gather of node_ids per output table, nothing else
+    graph = onnx.load(str(tmp_path / "all" / "model.onnx")).graph
+    ops = [(n.op_type, n.input[1] if n.op_type == "Gather" else None) for n in graph.node]
+    assert [op for op, _ in ops if op != "Identity"] == ["Gather", "Gather"], ops
+    assert all(index == "node_ids" for op, index in ops if op == "Gather"), ops
+    # every node: the same answers as the hidden-only export
+    n = every["graph"]["num_nodes"]
+    ids = np.arange(n, dtype=np.int64)
+    want = _session(tmp_path / "hidden").run(None, {"node_ids": ids})
+    got = _session(tmp_path / "all").run(None, {"node_ids": ids})
+    for a, b in zip(want, got, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+
+
+@pytest.mark.parametrize("adjacency", ["ell", "coo"])
+def test_precompute_all_refused_for_graph_inputs(sage_run, tmp_path, adjacency):
+    from abkd_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs --adjacency embedded") as info:
+        export(sage_run, tmp_path / "x", adjacency=adjacency, precompute="all", progress=False)
+    assert "\n" not in str(info.value) and adjacency in str(info.value)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="unknown precompute mode"):
+        export(sage_run, tmp_path / "x", precompute="some", progress=False)
+
+
+def test_cli_precompute_option(sage_run, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from abkd_deploy.cli import main
+
+    runner = CliRunner()
+    base = ["export", str(sage_run), "--out"]
+    res = runner.invoke(main, [*base, str(tmp_path / "a"), "--precompute", "all"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["adjacency"]["precompute"] == "all"
+    res = runner.invoke(main, [*base, str(tmp_path / "n"), "--no-precompute"])
+    assert res.exit_code == 0, res.output
+    assert (
+        json.loads((tmp_path / "n" / "manifest.json").read_text())["adjacency"][
+            "precomputed_layers"
+        ]
+        == 0
+    )
+    res = runner.invoke(
+        main, [*base, str(tmp_path / "e"), "--adjacency", "ell", "--precompute", "all"]
+    )
+    assert res.exit_code == 2 and "needs --adjacency embedded" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output

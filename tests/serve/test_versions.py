@@ -257,9 +257,15 @@ def _wait_for(check, timeout: float = 10.0) -> None:
 def test_http_model_version_metrics_and_rollback(tmp_path: Path, tinies: list[TinyModel]) -> None:
     model_dir = tmp_path / "m"
     publish(model_dir, tinies[0])
+    publish(model_dir, tinies[0], broken=True)
+    shutil.move(model_dir / "2", model_dir / "9")  # broken at startup: counted too
     settings = AppSettings(str(model_dir), device="cpu", threads=1, max_batch=64, poll_s=0.05)
     with LiveServer(settings.build()) as live:
         c = live.connect()
+        text = c.request("GET", "/metrics")[1]
+        assert 'abkd_serve_model_load_failures_total{version="9"} 1.0' in text
+        assert 'abkd_serve_model_loads_total{version="1"} 1.0' in text
+        shutil.rmtree(model_dir / "9")
         status, body, headers = c.request("POST", "/v1/predict", {"node_ids": [3, 1]})
         assert status == 200 and body["model_version"] == 1
         assert headers["x-model-version"] == "1"
