@@ -251,8 +251,8 @@ def teacher(**kw: Any) -> None:
     metrics = train_teacher(train=_train_config(kw), **kw)
     click.echo(
         f"teacher {metrics['arch']}: {metrics['params']:,} params, "
-        f"val {metrics['metric']} {metrics['val_acc']:.4f}, "
-        f"test {metrics['metric']} {metrics['test_acc']:.4f} "
+        f"val {metrics['metric']} {metrics['val_score']:.4f}, "
+        f"test {metrics['metric']} {metrics['test_score']:.4f} "
         f"(best epoch {metrics['best_epoch']}, {metrics['seconds']:.1f} s) -> {kw['out']}"
     )
 
@@ -339,26 +339,40 @@ def _distill_specs(kw: dict[str, Any]) -> dict[str, Any]:
     show_default=True,
     help="Output run directory.",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Data-parallel worker processes on this machine (gloo on CPU, NCCL on GPU); "
+    "under torchrun leave it at 1.",
+)
 @_force_option(_RUN_FORCE_HELP)
 @_friendly
 def distill(**kw: Any) -> None:
     """Distill a teacher into a compact student (ABKD or a baseline)."""
-    method, out = kw.pop("method"), kw.pop("out")
+    method, out, nproc = kw.pop("method"), kw.pop("out"), kw.pop("nproc")
     method = check_name("KD method", method, (*names.KD_METHODS, "all"))
     _check_distill_names(kw)
     specs = _distill_specs(kw)
     if method == "all":
         _run_compare(specs, None, out)
         return
+    from abkd_deploy.distill.distributed import launch, under_torchrun
     from abkd_deploy.distill.run import distill as run_distill
 
     specs["kd"].method = method
-    m = run_distill(out=out, **specs)
+    if nproc > 1 or under_torchrun():
+        m = launch(nproc, out=out, **specs)
+        if m is None:  # a torchrun rank other than 0: rank 0 reports
+            return
+    else:
+        m = run_distill(out=out, **specs)
     s = m["student"]
     click.echo(
         f"{method}: student {s['arch']} {s['params']:,} params ({m['compression_ratio']:.1f}x "
-        f"smaller), test {m['metric']} {s['test_acc']:.4f} +- {s['test_acc_std']:.4f} over "
-        f"{len(m['seeds'])} seed(s); teacher {m['teacher']['test_acc']:.4f} -> {out}"
+        f"smaller), test {m['metric']} {s['test_score']:.4f} +- {s['test_score_std']:.4f} over "
+        f"{len(m['seeds'])} seed(s); teacher {m['teacher']['test_score']:.4f} -> {out}"
     )
 
 

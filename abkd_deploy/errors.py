@@ -68,3 +68,7 @@ class DeviceError(AbkdError):
 
 class ServeError(AbkdError):
     """A serving request or artifact is invalid."""
+
+
+class DistributedError(AbkdError):
+    """A rank of a distributed run failed (the message names the rank)."""

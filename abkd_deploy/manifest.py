@@ -25,7 +25,7 @@ from typing import Any
 
 from abkd_deploy import __version__
 from abkd_deploy.errors import AbkdError, first_line
-from abkd_deploy.utils import sha256_file
+from abkd_deploy.files import sha256_file
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"

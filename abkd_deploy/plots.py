@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from abkd_deploy.utils import atomic_path
+from abkd_deploy.files import atomic_path
 
 
 def _pyplot():

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from abkd_deploy.errors import CheckpointError, ConfigError
+from abkd_deploy.files import sha256_file
 from abkd_deploy.staging import EXPORT_RECORD, RUN_RECORD
-from abkd_deploy.utils import sha256_file
 
 #: Files that record the checkpoints' SHA-256 (``{"checkpoints": {file: sha256}}``).
 RECORDING_FILES = ("metrics.json", "config.json")

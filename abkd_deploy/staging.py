@@ -278,7 +278,7 @@ def write_run_record(directory: Path, command: str, extra: dict[str, Any] | None
     ``--force`` may replace) and the consistency record ``export`` checks.
     """
     from abkd_deploy import __version__
-    from abkd_deploy.utils import sha256_file, write_json
+    from abkd_deploy.files import sha256_file, write_json
 
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):

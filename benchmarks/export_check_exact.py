@@ -22,8 +22,8 @@ from abkd_deploy.data import load_dataset
 from abkd_deploy.data.csr import CSR
 from abkd_deploy.data.ell import sample_fanout_table
 from abkd_deploy.data.graph import FullGraph
-from abkd_deploy.metrics import score
 from abkd_deploy.models import load_model
+from abkd_deploy.scoring import score
 
 
 def main() -> None:

@@ -49,8 +49,11 @@ def test_teacher_writes_run_dir(runner, tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("val_acc", "test_acc", "params"):
+    for key in ("val_score", "test_score", "train_score", "params"):
         assert key in metrics
+    assert metrics["metric"] == "accuracy"
+    for split in ("val", "test", "train"):  # the legacy names keep the same values
+        assert metrics[f"{split}_acc"] == metrics[f"{split}_score"]
     assert metrics["params"] == 8 * 8 + 8 + 8 * 3 + 3
     assert (out / "teacher.safetensors").is_file() and (out / "curves.png").stat().st_size > 1000
     assert json.loads((out / "teacher.json").read_text())["dataset"]["name"] == TINY
@@ -254,7 +257,8 @@ def test_kd_options_come_from_the_spec_fields():
     args += ["--tau", "2", "--teacher", "t", "--student-hidden", "5", "--teacher-lr", "0.5"]
     ctx = main.get_command(None, "distill").make_context("distill", args)
     params = dict(ctx.params)
-    params.pop("method"), params.pop("out")
+    for own in ("method", "out", "nproc"):  # distill's own options, not spec fields
+        params.pop(own, None)
     specs = _distill_specs(params)
     assert specs["kd"] == KDSpec(dissimilarity="similarity", kd_nodes=7, normalize=False, tau=2)
     assert specs["teacher"] == TeacherSpec(path="t")

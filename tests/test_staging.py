@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from abkd_deploy.errors import ConfigError
+from abkd_deploy.files import atomic_path, write_json
 from abkd_deploy.serve.report_path import check_report_path
 from abkd_deploy.staging import (
     check_out_dir,
@@ -20,7 +21,6 @@ from abkd_deploy.staging import (
     staged_directory,
     write_run_record,
 )
-from abkd_deploy.utils import atomic_path, write_json
 
 
 def _export_like(directory: Path, extra: str | None = None) -> Path:

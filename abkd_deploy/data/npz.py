@@ -40,7 +40,7 @@ from torch_geometric.utils import is_undirected
 from abkd_deploy.data.pyg_datasets import clean_edges
 from abkd_deploy.data.registry import DATASETS, METRICS
 from abkd_deploy.errors import ConfigError, DatasetError
-from abkd_deploy.utils import atomic_path
+from abkd_deploy.files import atomic_path
 
 _PARTS = ("train", "val", "test")
 

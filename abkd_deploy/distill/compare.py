@@ -12,8 +12,8 @@ from abkd_deploy.distill.specs import KDSpec, StudentSpec, TeacherSpec
 from abkd_deploy.distill.teacher import dataset_ref, resolve_teacher
 from abkd_deploy.distill.trainer import TrainConfig
 from abkd_deploy.errors import ConfigError
+from abkd_deploy.files import atomic_path, write_json
 from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
-from abkd_deploy.utils import atomic_path, write_json
 
 DEFAULT_METHODS = ("ce", "kd", "fitnet", "at", "lsp", "gcrd", "abkd")
 
@@ -69,13 +69,18 @@ def compare(
             rows.append(
                 {
                     "method": method,
-                    "test_acc_mean": m["student"]["test_acc"],
-                    "test_acc_std": m["student"]["test_acc_std"],
-                    "val_acc_mean": m["student"]["val_acc"],
-                    "per_seed_test": [s["test_acc"] for s in m["per_seed"]],
+                    "test_score_mean": m["student"]["test_score"],
+                    "test_score_std": m["student"]["test_score_std"],
+                    "val_score_mean": m["student"]["val_score"],
+                    "per_seed_test": [s["test_score"] for s in m["per_seed"]],
                     "student_params": m["student"]["params"],
                     "teacher_params": m["teacher"]["params"],
-                    "teacher_test_acc": m["teacher"]["test_acc"],
+                    "teacher_test_score": m["teacher"]["test_score"],
+                    # the names rows had before (same values; the scores are `metric`)
+                    "test_acc_mean": m["student"]["test_score"],
+                    "test_acc_std": m["student"]["test_score_std"],
+                    "val_acc_mean": m["student"]["val_score"],
+                    "teacher_test_acc": m["teacher"]["test_score"],
                     "compression_ratio": m["compression_ratio"],
                     # typed graphs: the ratio counts without embedding tables; both kept
                     "student_params_without_embeddings": m["student"]["params_without_embeddings"],
@@ -103,15 +108,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} "
-            f"| {100 * r['val_acc_mean']:.2f} "
+            f"| {r['method']} | {100 * r['test_score_mean']:.2f} "
+            f"± {100 * r['test_score_std']:.2f} | {100 * r['val_score_mean']:.2f} "
             f"| {r.get('student_params_without_embeddings', r['student_params']):,} "
             f"| {r.get('teacher_params_without_embeddings', r['teacher_params']):,} "
             f"| {r['compression_ratio']:.1f}x "
             f"| {r['seconds_per_epoch']:.4f} |"
         )
     if rows:
-        lines.append(f"\nteacher test {metric}: {100 * rows[0]['teacher_test_acc']:.2f}%")
+        lines.append(f"\nteacher test {metric}: {100 * rows[0]['teacher_test_score']:.2f}%")
         r = rows[0]
         if r.get("student_params_without_embeddings", r["student_params"]) != r["student_params"]:
             lines.append(

@@ -9,8 +9,8 @@ from torch import Tensor
 from torch_geometric.data import Data
 
 from abkd_deploy.distill.graphs import GraphView
-from abkd_deploy.metrics import score
 from abkd_deploy.models.base import GNN
+from abkd_deploy.scoring import score
 
 
 @torch.no_grad()

@@ -18,15 +18,16 @@ from abkd_deploy.distill.graphs import build_for_data, check_arch_for_data, chec
 from abkd_deploy.distill.losses import LayerDims
 from abkd_deploy.distill.objective import METHODS
 from abkd_deploy.distill.specs import KDSpec, StudentSpec, TeacherSpec
-from abkd_deploy.distill.teacher import dataset_ref, resolve_teacher
+from abkd_deploy.distill.teacher import dataset_ref, resolve_teacher, score_keys
 from abkd_deploy.distill.trainer import FitResult, TrainConfig, Trainer
 from abkd_deploy.errors import ConfigError
+from abkd_deploy.files import sha256_file, write_json
 from abkd_deploy.models import GNN, MODELS, load_model, save_model
 from abkd_deploy.models.typed import parameter_counts
 from abkd_deploy.plots import plot_attention, plot_curves
 from abkd_deploy.rundir import checkpoint_hashes
+from abkd_deploy.seeding import seed_everything
 from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
-from abkd_deploy.utils import seed_everything, sha256_file, write_json
 
 #: Inside the staging dir: where a teacher trained by this run is written first.
 WORK_DIR = ".work"
@@ -197,7 +198,7 @@ def _metrics(
     per_seed = [
         {
             "seed": r.seed,
-            **{f"{k}_acc": v for k, v in r.fit.scores.items()},
+            **score_keys(r.fit.scores),
             "best_epoch": r.fit.best_epoch,
             "seconds_per_epoch": r.fit.seconds_per_epoch,
         }
@@ -212,16 +213,15 @@ def _metrics(
             "arch": teacher.arch,
             "params": t_params,
             "params_without_embeddings": t_core,
-            "test_acc": t_scores["test"],
-            "val_acc": t_scores["val"],
+            **score_keys({"test": t_scores["test"], "val": t_scores["val"]}),
         },
         "student": {
             "arch": best.model.arch,
             "params": s_params,
             "params_without_embeddings": s_core,
-            "test_acc": statistics.fmean(tests),
-            "test_acc_std": statistics.pstdev(tests) if len(tests) > 1 else 0.0,
-            "val_acc": statistics.fmean(r.val_score for r in runs),
+            **score_keys({"test": statistics.fmean(tests)}),
+            **score_keys({"test": statistics.pstdev(tests) if len(tests) > 1 else 0.0}, "_std"),
+            **score_keys({"val": statistics.fmean(r.val_score for r in runs)}),
             "saved_seed": best.seed,
         },
         "compression_ratio": t_core / s_core,

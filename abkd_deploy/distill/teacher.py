@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,13 @@ from abkd_deploy.distill.graphs import build_for_data
 from abkd_deploy.distill.specs import TeacherSpec
 from abkd_deploy.distill.trainer import TrainConfig, Trainer
 from abkd_deploy.errors import CheckpointError
+from abkd_deploy.files import write_json
 from abkd_deploy.models import save_model
 from abkd_deploy.models.typed import parameter_counts
 from abkd_deploy.plots import plot_curves
 from abkd_deploy.rundir import checkpoint_hashes
+from abkd_deploy.seeding import seed_everything
 from abkd_deploy.staging import check_out_dir, staged_directory, write_run_record
-from abkd_deploy.utils import seed_everything, write_json
 
 
 def dataset_ref(name: str, root: str | Path | None, split: str | None) -> dict[str, Any]:
@@ -48,8 +50,9 @@ def train_teacher(
     whole, with ``run.json`` last.
 
     Returns:
-        The metrics written to ``out/metrics.json``: ``val_acc``/``test_acc`` (the
-        dataset's metric, named ``*_acc`` for every metric), ``metric``, ``params``,
+        The metrics written to ``out/metrics.json``: ``val_score``/``test_score`` (the
+        dataset's ``metric``, also under the legacy keys ``val_acc``/``test_acc``:
+        :func:`score_keys`), ``metric``, ``params``,
         ``params_without_embeddings`` (typed models' embedding tables left out),
         ``best_epoch``, ``seconds_per_epoch``, ``seconds``.
     """
@@ -73,9 +76,7 @@ def train_teacher(
             "metric": data.metric,
             "arch": arch,
             **parameter_counts(model),  # params, params_without_embeddings
-            "val_acc": result.scores["val"],
-            "test_acc": result.scores["test"],
-            "train_acc": result.scores["train"],
+            **score_keys(result.scores),  # val/test/train _score and legacy _acc
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             "seconds_per_epoch": result.seconds_per_epoch,
@@ -97,6 +98,19 @@ def train_teacher(
         plot_curves(result.history, stage / "curves.png", f"teacher {arch} on {dataset}")
         write_run_record(stage, "teacher")
     return metrics
+
+
+def score_keys(scores: Mapping[str, float], suffix: str = "") -> dict[str, float]:
+    """Split scores under their ``metrics.json`` keys: ``{"val": 0.8}`` ->
+    ``{"val_score": 0.8, "val_acc": 0.8}`` (``suffix``: ``"_std"`` -> ``val_score_std`` ...).
+
+    The values are the dataset's ``metric`` (accuracy, or ROC-AUC on some datasets), hence
+    ``*_score``; ``*_acc``, the name runs used before, keeps the same value for the readers
+    of older layouts (export provenance, scripts).
+    """
+    out = {f"{split}_score{suffix}": value for split, value in scores.items()}
+    out.update({f"{split}_acc{suffix}": value for split, value in scores.items()})
+    return out
 
 
 def resolve_teacher(

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.data import Data
 
+from abkd_deploy.devices import resolve_device
 from abkd_deploy.distill.evaluate import full_graph_outputs, split_scores
 from abkd_deploy.distill.graphs import GraphView
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.models.base import GNN
 from abkd_deploy.progress import Progress
-from abkd_deploy.utils import resolve_device, seed_everything
+from abkd_deploy.seeding import seed_everything
 
 
 @dataclass

@@ -46,12 +46,12 @@ from abkd_deploy.export.reference import (
     reference_scores,
 )
 from abkd_deploy.export.validate import RUNS, validate_artifact
+from abkd_deploy.files import write_json
 from abkd_deploy.manifest import MANIFEST_NAME, build_manifest, file_entries
-from abkd_deploy.metrics import score
 from abkd_deploy.models import count_parameters, load_model
 from abkd_deploy.rundir import verify_run_dir
+from abkd_deploy.scoring import score
 from abkd_deploy.staging import staged_directory
-from abkd_deploy.utils import write_json
 
 #: An artifact's test score may differ from PyTorch's by this much before a note is printed.
 SCORE_NOTE_GAP = 0.005

@@ -14,6 +14,7 @@ from typing import Any
 
 from abkd_deploy import manifest as schema
 from abkd_deploy.errors import ExportError
+from abkd_deploy.files import read_json
 from abkd_deploy.manifest import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
@@ -22,7 +23,6 @@ from abkd_deploy.manifest import (
     build_manifest,
     file_entries,
 )
-from abkd_deploy.utils import read_json
 
 __all__ = [
     "MANIFEST_NAME",

@@ -20,8 +20,8 @@ from abkd_deploy.data.graph import FullGraph
 from abkd_deploy.data.sampler import NeighborSampler
 from abkd_deploy.errors import CheckpointError
 from abkd_deploy.export.adjacency import AdjacencyFormat, ExportContext, batched
-from abkd_deploy.metrics import score
 from abkd_deploy.models.base import GNN
+from abkd_deploy.scoring import score
 
 #: At most this many test nodes are scored (a seeded random subset above it).
 MAX_EVAL_NODES = 100_000

@@ -13,8 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from abkd_deploy.errors import CheckpointError, ConfigError, first_line
+from abkd_deploy.files import atomic_path, sha256_file, write_json
 from abkd_deploy.models.base import GNN
-from abkd_deploy.utils import atomic_path, sha256_file, write_json
 
 CHECKPOINT_VERSION = 1
 

@@ -38,11 +38,11 @@ import numpy as np
 
 from abkd_deploy import __version__
 from abkd_deploy.errors import AbkdError, ConfigError
+from abkd_deploy.files import atomic_path, write_json
 from abkd_deploy.names import BENCH_MODELS
 from abkd_deploy.progress import Progress
 from abkd_deploy.serve.bench_http import HttpOptions, format_http_markdown, run_http_bench
 from abkd_deploy.serve.manifest import load_manifest
-from abkd_deploy.utils import atomic_path, write_json
 
 MODELS = BENCH_MODELS
 REPORT_VERSION = 1

@@ -10,8 +10,8 @@ import torch
 
 from abkd_deploy.data import load_dataset
 from abkd_deploy.data.graph import FullGraph
+from abkd_deploy.devices import resolve_device
 from abkd_deploy.models import load_model
-from abkd_deploy.utils import resolve_device
 
 
 def _sync(device: torch.device) -> None:

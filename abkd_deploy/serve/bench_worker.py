@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from abkd_deploy.metrics import score
+from abkd_deploy.scoring import score
 
 Predict = Callable[[np.ndarray], Any]  # node ids [b] -> the model's answer
 Logits = Callable[[np.ndarray], np.ndarray]  # node ids [b] -> logits (or log-probs) [b, C]

@@ -11,9 +11,10 @@ import numpy as np
 
 from abkd_deploy.errors import ConfigError, DeviceError, first_line
 from abkd_deploy.serve.errors import ArtifactError, InvalidInput
+from abkd_deploy.serve.lookup import lookup_tables
 from abkd_deploy.serve.manifest import check_model, load_manifest, onnx_file, verify_files
 from abkd_deploy.serve.providers import create_session
-from abkd_deploy.serve.validate import as_node_ids
+from abkd_deploy.serve.request_validation import as_node_ids
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
     return z
+
+
+class _TableAnswers:
+    """Every node's answer, computed once from the tables of a ``--precompute all``
+    export (:mod:`abkd_deploy.serve.lookup`): a call is a few ``np.take`` s, with the
+    values the model call plus :meth:`Predictor.predict`'s argmax/softmax would give."""
+
+    def __init__(self, tables: dict[str, np.ndarray]) -> None:
+        logits = np.asarray(tables["logits"], dtype=np.float32)
+        self.classes = logits.argmax(axis=1).astype(np.int64)
+        self.scores = softmax(logits.copy())
+        self.embedding = tables.get("embedding")
+
+    def predict(self, ids: np.ndarray, return_embedding: bool) -> Prediction:
+        emb = np.take(self.embedding, ids, 0) if return_embedding else None
+        return Prediction(np.take(self.classes, ids), np.take(self.scores, ids, 0), emb)
 
 
 class Predictor:
@@ -127,6 +144,10 @@ class Predictor:
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._check_signature()
+        self._answers: _TableAnswers | None = None
+        if self.manifest["adjacency"].get("precompute") == "all" and not self._info.on_cuda:
+            tables = lookup_tables(model_path, self._outputs)
+            self._answers = None if tables is None else _TableAnswers(tables)
         log.info("loaded %s (%s) on %s", model_path, self.format, self.provider)
 
     # ------------------------------------------------------------------ public API
@@ -155,6 +176,8 @@ class Predictor:
         if return_embedding and not self.has_embedding:
             raise InvalidInput(f"this model has no 'embedding' output (outputs: {self._outputs})")
         ids = as_node_ids(node_ids, self.num_nodes, self.max_batch)
+        if self._answers is not None:
+            return self._answers.predict(ids, return_embedding)
         names = ["logits", "embedding"] if return_embedding else ["logits"]
         outs = self._run({"node_ids": ids}, names)
         logits = np.asarray(outs[0], dtype=np.float32)

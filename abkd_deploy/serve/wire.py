@@ -30,7 +30,7 @@ import orjson
 
 from abkd_deploy.serve.errors import BatchTooLarge, RequestError
 from abkd_deploy.serve.predictor import Prediction
-from abkd_deploy.serve.validate import as_node_ids
+from abkd_deploy.serve.request_validation import as_node_ids
 
 FIELDS = ("node_ids", "return_embedding", "format")
 FORMATS = ("full", "top1")

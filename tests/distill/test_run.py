@@ -54,7 +54,11 @@ def test_distill_run_dir_and_metrics(tmp_path, teacher_dir):
     on_disk = json.loads((out / "metrics.json").read_text())
     for key in ("method", "seeds", "compression_ratio", "seconds_per_epoch"):
         assert key in on_disk
-    assert on_disk["student"]["test_acc_std"] >= 0 and "test_acc" in on_disk["teacher"]
+    assert on_disk["student"]["test_score_std"] >= 0 and "test_score" in on_disk["teacher"]
+    for part in ("student", "teacher"):  # legacy keys, same values
+        assert on_disk[part]["test_acc"] == on_disk[part]["test_score"]
+    assert on_disk["student"]["test_acc_std"] == on_disk["student"]["test_score_std"]
+    assert [s["test_acc"] for s in m["per_seed"]] == [s["test_score"] for s in m["per_seed"]]
     att = json.loads((out / "attention.json").read_text())["matrix"]
     assert len(att) == 2 and len(att[0]) == 4  # student layers x teacher layers
     assert all(abs(sum(row) - 1) < 1e-5 for row in att)
@@ -87,7 +91,7 @@ def test_distillation_improves_over_untrained_student(tmp_path, teacher_dir):
         train=FAST,
         out=tmp_path,
     )
-    assert m["student"]["test_acc"] > before + 0.2
+    assert m["student"]["test_score"] > before + 0.2
 
 
 def test_teacher_from_another_dataset_is_refused_before_training(
@@ -124,7 +128,9 @@ def test_compare_table(tmp_path, teacher_dir):
     assert [r["method"] for r in rows] == ["ce", "kd"]
     table = (tmp_path / "comparison.md").read_text()
     assert "| ce |" in table and "| kd |" in table
-    assert json.loads((tmp_path / "comparison.json").read_text())["rows"][1]["method"] == "kd"
+    written = json.loads((tmp_path / "comparison.json").read_text())["rows"]
+    assert written[1]["method"] == "kd" and written == rows
+    assert rows[1]["test_acc_mean"] == rows[1]["test_score_mean"]  # legacy key kept
 
 
 def test_cli_distill_trains_teacher_when_none_given(tmp_path):

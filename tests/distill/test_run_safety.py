@@ -19,7 +19,7 @@ from abkd_deploy.distill.compare import compare
 from abkd_deploy.distill.run import KDSpec, StudentSpec, TeacherSpec, distill
 from abkd_deploy.errors import CheckpointError, ConfigError
 from abkd_deploy.export import export
-from abkd_deploy.utils import sha256_file
+from abkd_deploy.files import sha256_file
 
 DATA = "csbm:num_nodes=300,num_features=8,num_classes=3,homophily=0.85,train_ratio=0.1"
 FAST = TrainConfig(epochs=5, patience=5, progress=False, device="cpu")

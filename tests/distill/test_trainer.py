@@ -5,7 +5,7 @@ from abkd_deploy.data import load_dataset
 from abkd_deploy.distill.trainer import TrainConfig, Trainer
 from abkd_deploy.errors import ConfigError, DeviceError
 from abkd_deploy.models import build_model
-from abkd_deploy.utils import seed_everything
+from abkd_deploy.seeding import seed_everything
 
 DATASET = "csbm:num_nodes=1500,num_features=16,num_classes=4,homophily=0.85,train_ratio=0.1"
 

@@ -82,7 +82,7 @@ def test_embedded_answers_batches_with_duplicates(gcn_embedded):
 
 def test_manifest_fields_hashes_and_metadata(gcn_embedded):
     from abkd_deploy.export import read_manifest
-    from abkd_deploy.utils import sha256_file
+    from abkd_deploy.files import sha256_file
 
     out, manifest = gcn_embedded
     on_disk = read_manifest(out, verify_files=True)

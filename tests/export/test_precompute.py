@@ -115,9 +115,9 @@ def _session(path):
     return ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("arch", ["sage", "gat"])
+@pytest.mark.parametrize("arch", ["sage", pytest.param("gat", marks=pytest.mark.slow)])
 def test_precompute_all_is_a_lookup_equal_to_the_hidden_export(
-    sage_run, gcn_run, tmp_path, arch, tmp_path_factory
+    sage_run, tmp_path, arch, tmp_path_factory
 ):
     if arch == "gat":  # no hidden precompute: the tables come from the per-request tree
         from tests.export.conftest import make_run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
 import threading
 import time
@@ -84,12 +85,24 @@ class Client:
             data = body if raw else json.dumps(body)
             data = data.encode() if isinstance(data, str) else data
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        self._reopen_if_dropped()
         self.conn.request(method, path, body=data, headers=headers)
         resp = self.conn.getresponse()
         text = resp.read()
         ctype = resp.getheader("content-type", "")
         payload = json.loads(text) if ctype.startswith("application/json") else text.decode()
         return resp.status, payload, dict(resp.getheaders())
+
+    def _reopen_if_dropped(self) -> None:
+        """Reconnects when the server has closed this idle keep-alive connection (its
+        keep-alive or header timeout ran out between two requests), as HTTP clients such as
+        urllib3 do; a connection dropped *during* a request still fails the caller."""
+        sock = self.conn.sock
+        if sock is None:
+            return
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable and sock.recv(1, socket.MSG_PEEK) == b"":
+            self.conn.close()
 
     def predict(self, node_ids: Any, **extra: Any) -> tuple[int, Any]:
         """POST /v1/predict."""

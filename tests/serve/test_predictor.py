@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from abkd_deploy.errors import ConfigError, DeviceError, ServeError
 from abkd_deploy.serve import (
@@ -19,7 +21,7 @@ from abkd_deploy.serve import (
     Predictor,
 )
 from abkd_deploy.serve.predictor import softmax
-from tests.serve.tiny_export import ell_onnx, write_export
+from tests.serve.tiny_export import ell_onnx, embedded_onnx, lookup_onnx, write_export
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -320,3 +322,128 @@ def test_every_accepted_id_is_in_the_model_table(embedded_dir: Path, tiny) -> No
     assert len(predictor.predict([rows - 1])) == 1
     with pytest.raises(InvalidNodeIds):
         predictor.predict([rows])
+
+
+# ---------------------------------------------------------------- issue 10: the model call
+
+
+def test_embedded_default_session_is_one_thread_without_spinning(embedded_dir: Path) -> None:
+    default = Predictor(embedded_dir, device="cpu")
+    opts = default.session.get_session_options()
+    assert opts.intra_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    two = Predictor(embedded_dir, device="cpu", threads=2)
+    assert two.session.get_session_options().intra_op_num_threads == 2
+    ids = np.random.default_rng(1).integers(0, default.num_nodes, 300)
+    a, b = default.predict(ids, return_embedding=True), two.predict(ids, return_embedding=True)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a.embedding, b.embedding, rtol=1e-6, atol=1e-7)
+
+
+_ID_VALUES = st.one_of(
+    st.integers(min_value=-5, max_value=520),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.sampled_from([np.int32(3), np.uint64(2**63 + 1), "7", None]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ID_VALUES, max_size=12) | st.lists(st.integers(0, 499), max_size=70))
+def test_fast_id_validation_equals_elementwise(values: list) -> None:
+    from abkd_deploy.serve import request_validation as validate
+
+    def outcome(fast: bool):
+        saved = validate._fast_from_list
+        if not fast:
+            validate._fast_from_list = lambda values, num_nodes: None
+        try:
+            return validate.as_node_ids(values, 500, 64).tolist()
+        except ServeError as exc:
+            return type(exc).__name__, str(exc), getattr(exc, "values", None)
+        finally:
+            validate._fast_from_list = saved
+
+    assert outcome(True) == outcome(False)
+
+
+class _RecordingSession:
+    """Wraps an onnxruntime session and records the output names of each run."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session, self.names = session, []
+
+    def run(self, names, feed):
+        self.names.append(list(names))
+        return self.session.run(names, feed)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_runs_fetch_only_the_outputs_requests_need(embedded_dir: Path) -> None:
+    from abkd_deploy.serve.server import create_app
+    from tests.serve.live_server import LiveServer
+
+    predictor = Predictor(embedded_dir, device="cpu")
+    recorder = _RecordingSession(predictor.session)
+    predictor.session = recorder
+    assert predictor.predict([1, 2]).embedding is None and recorder.names == [["logits"]]
+    with LiveServer(create_app(predictor, max_batch=64)) as live:
+        client = live.connect()
+        recorder.names.clear()
+        status, body = client.predict([3, 4])
+        assert status == 200 and "embeddings" not in body
+        assert recorder.names == [["logits"]]
+        status, body = client.predict([5], return_embedding=True)
+        assert status == 200 and len(body["embeddings"]) == 1
+        assert recorder.names[-1] == ["logits", "embedding"]
+        status, body = client.predict([6])
+        assert status == 200 and recorder.names[-1] == ["logits"]
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def lookup_dir(tmp_path_factory: pytest.TempPathFactory, tiny) -> Path:
+    """A ``--precompute all`` export of ``tiny``: every node's outputs, one Gather each."""
+    n, f = tiny.features.shape
+    logits, emb = tiny.forward(np.arange(n))
+    out = tmp_path_factory.mktemp("lookup") / "export"
+    model = lookup_onnx(logits.astype(np.float32), emb.astype(np.float32))
+    adjacency = {"precompute": "all", "layout": "lookup"}
+    return write_export(out, model, "embedded", n, f, logits.shape[1], adjacency=adjacency)
+
+
+def test_lookup_export_answers_from_its_tables(lookup_dir: Path, embedded_dir: Path, tiny) -> None:
+    fast = Predictor(lookup_dir, device="cpu", max_batch=64)
+    assert fast._answers is not None
+    slow = Predictor(lookup_dir, device="cpu", max_batch=64)
+    slow._answers = None  # the onnxruntime path, for comparison
+    ids = [0, 7, 499, 7, 123]
+    a, b = fast.predict(ids, return_embedding=True), slow.predict(ids, return_embedding=True)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.embedding, b.embedding)
+    assert fast.predict(ids).embedding is None
+    # same answers as the model the tables were computed from, same errors
+    ref = Predictor(embedded_dir, device="cpu", max_batch=64).predict(ids)
+    np.testing.assert_array_equal(a.classes, ref.classes)
+    np.testing.assert_allclose(a.scores, ref.scores, rtol=1e-6)
+    with pytest.raises(InvalidNodeIds, match=r"outside \[0, 500\)"):
+        fast.predict([3, 500])
+    with pytest.raises(BatchTooLarge):
+        fast.predict(list(range(65)))
+    # a manifest that says "all" over a graph that is not a pure lookup: onnxruntime runs it
+    other = write_export(
+        lookup_dir.parent / "not_lookup",
+        embedded_onnx(tiny),
+        "embedded",
+        *tiny.features.shape,
+        tiny.w2.shape[1],
+        adjacency={"precompute": "all"},
+    )
+    plain = Predictor(other, device="cpu")
+    assert plain._answers is None
+    np.testing.assert_array_equal(plain.predict(ids).classes, tiny.forward(ids)[0].argmax(1))

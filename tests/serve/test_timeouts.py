@@ -143,6 +143,16 @@ def test_server_still_answers_after_timeouts(live: LiveServer) -> None:
     c.close()
 
 
+def test_client_reconnects_after_the_server_closed_an_idle_connection(live: LiveServer) -> None:
+    """The tests' keep-alive client survives the server's idle close (as urllib3 does), so
+    a loaded machine's pauses between requests cannot fail the fuzz tests."""
+    c = live.connect()
+    assert c.predict([1, 2])[0] == 200
+    time.sleep(LIMITS.keep_alive_s + SLACK)  # the server closes the idle connection
+    assert c.predict([1, 2])[0] == 200
+    c.close()
+
+
 def test_connection_bound(embedded_dir: Path) -> None:
     predictor = Predictor(embedded_dir, device="cpu", threads=1, max_batch=64)
     limits = HttpLimits(max_connections=2)

@@ -117,9 +117,16 @@ def _sha(path: Path) -> str:
 
 
 def write_export(
-    out: Path, model: onnx.ModelProto, fmt: str, num_nodes: int, num_features: int, num_classes: int
+    out: Path,
+    model: onnx.ModelProto,
+    fmt: str,
+    num_nodes: int,
+    num_features: int,
+    num_classes: int,
+    adjacency: dict | None = None,
 ) -> Path:
-    """Writes ``model.onnx`` and a format_version 1 ``manifest.json`` into ``out``."""
+    """Writes ``model.onnx`` and a format_version 1 ``manifest.json`` into ``out``
+    (``adjacency``: extra fields of the manifest's ``adjacency`` object)."""
     out.mkdir(parents=True, exist_ok=True)
 
     def spec(v: onnx.ValueInfoProto) -> dict:
@@ -134,7 +141,13 @@ def write_export(
     manifest = {
         "format_version": 1,
         "producer": {"name": "abkd-deploy", "version": "0.1.0"},
-        "adjacency": {"format": fmt, "fanouts": [], "exact": True, "norm": "gcn"},
+        "adjacency": {
+            "format": fmt,
+            "fanouts": [],
+            "exact": True,
+            "norm": "gcn",
+            **(adjacency or {}),
+        },
         "model": {"arch": "tiny", "num_layers": 2, "hidden": 6, "params": 0},
         "graph": {"num_nodes": num_nodes, "num_features": num_features, "num_classes": num_classes},
         "opset": OPSET,
@@ -153,6 +166,30 @@ def write_export(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def lookup_onnx(logits: np.ndarray, embedding: np.ndarray) -> onnx.ModelProto:
+    """A ``--precompute all`` model: one Gather of ``node_ids`` per stored output table."""
+    nodes = [
+        helper.make_node("Gather", ["logits_table", "node_ids"], ["logits"], axis=0),
+        helper.make_node("Gather", ["embedding_table", "node_ids"], ["embedding"], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_lookup",
+        [helper.make_tensor_value_info("node_ids", TensorProto.INT64, ["batch"])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", logits.shape[1]]),
+            helper.make_tensor_value_info(
+                "embedding", TensorProto.FLOAT, ["batch", embedding.shape[1]]
+            ),
+        ],
+        initializer=[
+            numpy_helper.from_array(logits, "logits_table"),
+            numpy_helper.from_array(embedding, "embedding_table"),
+        ],
+    )
+    return _model(graph)
 
 
 def write_embedded(out: Path, tiny: TinyModel) -> Path:

@@ -1,4 +1,9 @@
-"""Evaluation metrics on numpy arrays (no torch import): accuracy and ROC-AUC."""
+"""Scoring predictions on numpy arrays (no torch import): accuracy and ROC-AUC.
+
+Which one a dataset uses is its ``metric`` (recorded in every run's ``metrics.json`` and
+in the export manifest). Not to be confused with :mod:`abkd_deploy.serve.metrics`, the
+server's Prometheus metrics.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Small shared helpers: atomic writes, seeding, device resolution, JSON."""
+"""Files: atomic writes (``atomic_path``), JSON (``write_json``/``read_json``), SHA-256.
+
+Torch-free: shared by every stage, the serving path included.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,11 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from abkd_deploy.errors import ConfigError, DeviceError
 
 
 @contextlib.contextmanager
@@ -23,7 +23,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     The temporary file ``.NAME.<pid>.<token>.tmp`` is created with mode ``0o666`` less the
     process umask (so the published file follows the umask); leftovers of a process that
     no longer runs are removed first. On any exception the temporary file is removed, so
-    no half-written artifact is left.
+    no half-written artifact is left. The file-level counterpart of
+    :func:`abkd_deploy.staging.staged_directory`, with the same naming.
     """
     from abkd_deploy.staging import current_umask, remove_stale, staging_name
 
@@ -43,7 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON, atomically."""
+    """Writes ``obj`` as indented JSON, atomically (numpy scalars/arrays and paths allowed)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
@@ -70,39 +71,3 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds Python, numpy and torch (CPU and CUDA) and asks torch for determinism."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(device: str) -> Any:
-    """Maps ``auto|cpu|cuda|cuda:N`` to a :class:`torch.device`.
-
-    Raises:
-        DeviceError: ``cuda`` was asked for but CUDA is not available (no silent CPU run).
-        ConfigError: the string is not a device name.
-    """
-    import torch
-
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"--device {device} was requested but CUDA is not available "
-                f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
-                "use --device cpu or auto"
-            )
-        return torch.device(name)
-    raise ConfigError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
