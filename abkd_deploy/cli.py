@@ -356,6 +356,8 @@ def distill(**kw: Any) -> None:
     _check_distill_names(kw)
     specs = _distill_specs(kw)
     if method == "all":
+        if nproc > 1:
+            raise ConfigError("--nproc runs one --method; --method all (compare) runs alone")
         _run_compare(specs, None, out)
         return
     from abkd_deploy.distill.distributed import launch, under_torchrun
