@@ -26,12 +26,12 @@ from typing import Any
 from abkd_deploy import __version__
 from abkd_deploy.errors import AbkdError, first_line
 from abkd_deploy.files import sha256_file
+from abkd_deploy.names import ADJACENCY_FORMATS
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 #: ``metadata_props`` key of the manifest copy inside ``model.onnx``.
 METADATA_KEY = "abkd_manifest"
-ADJACENCY_FORMATS = ("embedded", "ell", "coo")
 #: Keys of manifest.json that the metadata copy does not hold (written after it).
 NOT_IN_METADATA = ("files", "timings")
 #: Ops that pass ``node_ids`` through unchanged in value (traced to the Gathers).
