@@ -226,6 +226,16 @@ def main() -> None:
     """
 
 
+_nproc_option = click.option(
+    "--nproc",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Data-parallel worker processes on this machine (gloo on CPU, NCCL on GPU); "
+    "under torchrun leave it at 1.",
+)
+
+
 @main.command()
 @dataset_options
 @click.option("--arch", default="gcnii", show_default=True, help="gcn, sage, gat, gcnii or mlp.")
@@ -240,15 +250,23 @@ def main() -> None:
     show_default=True,
     help="Output run directory.",
 )
+@_nproc_option
 @_force_option(_RUN_FORCE_HELP)
 @_friendly
 def teacher(**kw: Any) -> None:
     """Train a teacher GNN with early stopping on validation accuracy."""
     _check_dataset(kw["dataset"])
     check_name("architecture", kw["arch"], names.ARCHITECTURES)
+    nproc = kw.pop("nproc")
+    from abkd_deploy.distill.distributed import launch, under_torchrun
     from abkd_deploy.distill.teacher import train_teacher
 
-    metrics = train_teacher(train=_train_config(kw), **kw)
+    if nproc > 1 or under_torchrun():
+        metrics = launch(nproc, job="teacher", train=_train_config(kw), **kw)
+        if metrics is None:  # a torchrun rank other than 0: rank 0 reports
+            return
+    else:
+        metrics = train_teacher(train=_train_config(kw), **kw)
     click.echo(
         f"teacher {metrics['arch']}: {metrics['params']:,} params, "
         f"val {metrics['metric']} {metrics['val_score']:.4f}, "
@@ -339,14 +357,7 @@ def _distill_specs(kw: dict[str, Any]) -> dict[str, Any]:
     show_default=True,
     help="Output run directory.",
 )
-@click.option(
-    "--nproc",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Data-parallel worker processes on this machine (gloo on CPU, NCCL on GPU); "
-    "under torchrun leave it at 1.",
-)
+@_nproc_option
 @_force_option(_RUN_FORCE_HELP)
 @_friendly
 def distill(**kw: Any) -> None:
@@ -474,6 +485,19 @@ def _run_compare(specs: dict[str, Any], methods: str | None, out: str) -> None:
     "the model is one lookup); none gathers the L-hop tree per request. Same outputs.",
 )
 @click.option("--no-precompute", is_flag=True, help="Same as --precompute none.")
+@click.option(
+    "--dataset",
+    default=None,
+    help="Embed this snapshot of the graph instead of the run's own dataset (same feature "
+    "width and classes; accuracy is on its test split), e.g. csbm:num_nodes=2000,seed=1.",
+)
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --dataset: folder holding the snapshot's files.",
+)
+@click.option("--split", default=None, help="With --dataset: the snapshot's split.")
 @_friendly
 def export(
     run_dir: str, out_dir: str | None, repo_dir: str | None, formats: tuple[str, ...], **kwargs: Any
@@ -490,6 +514,10 @@ def export(
     if kwargs.pop("no_precompute"):
         kwargs["precompute"] = "none"
     check_name("dtype", kwargs["dtype"], names.EXPORT_DTYPES)
+    if kwargs["dataset"] is not None:
+        _check_dataset(kwargs["dataset"])
+    elif kwargs["root"] is not None or kwargs["split"] is not None:
+        raise ConfigError("--root and --split describe a snapshot: give them with --dataset")
     from abkd_deploy.export.api import export as run_export
 
     def write(out: Any) -> dict[str, Any]:
@@ -507,6 +535,8 @@ def export(
         version, path, manifest = write_version(repo_dir, write)
         out_dir = f"{path} (version {version})"
     acc, adj = manifest["accuracy"], manifest["adjacency"]
+    snapshot = manifest["provenance"].get("snapshot")
+    on = f" of snapshot {snapshot['name']!r}" if snapshot else ""
     fanouts = ",".join(map(str, adj["fanouts"])) if adj["fanouts"] else "exact"
     exported = ", ".join(
         f"{name} {value:.4f} (max abs diff "
@@ -515,8 +545,8 @@ def export(
     )
     click.echo(
         f"exported {manifest['model']['arch']} student ({adj['format']}, fanouts {fanouts}, "
-        f"{manifest['dtype']}, opset {manifest['opset']}) -> {out_dir}: test {acc['metric']} "
-        f"PyTorch {acc['pytorch_student']:.4f}, {exported}"
+        f"{manifest['dtype']}, opset {manifest['opset']}) -> {out_dir}: test{on} "
+        f"{acc['metric']} PyTorch {acc['pytorch_student']:.4f}, {exported}"
     )
 
 

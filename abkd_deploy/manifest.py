@@ -83,6 +83,23 @@ def build_manifest(
     }
 
 
+def snapshot_entry(
+    name: str, root: str | None, split: str | None, num_nodes: int, num_edges: int
+) -> dict[str, Any]:
+    """``provenance.snapshot``: the graph embedded when it is not the run's own dataset.
+
+    ``export RUN --dataset SPEC`` records here what it embedded (``graph.num_nodes`` equals
+    ``num_nodes``); ``provenance.dataset`` stays what the student was trained on.
+    """
+    return {
+        "name": name,
+        "root": root,
+        "split": split,
+        "num_nodes": int(num_nodes),
+        "num_edges": int(num_edges),
+    }
+
+
 def metadata_copy(manifest: dict[str, Any]) -> dict[str, Any]:
     """The part of ``manifest`` that the ONNX ``metadata_props`` copy must equal."""
     return {k: v for k, v in manifest.items() if k not in NOT_IN_METADATA}
@@ -145,6 +162,13 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         val = graph.get(key)
         ok = isinstance(val, int) and not isinstance(val, bool) and val > 0
         need(ok, f"graph.{key} must be a positive int, got {val!r}")
+    prov = m.get("provenance")
+    snapshot = prov.get("snapshot") if isinstance(prov, dict) else None
+    if snapshot is not None:
+        need(
+            isinstance(snapshot, dict) and snapshot.get("num_nodes") == graph["num_nodes"],
+            "provenance.snapshot must be an object whose num_nodes equals graph.num_nodes",
+        )
     for key in ("inputs", "outputs"):
         specs = m.get(key)
         need(

@@ -18,10 +18,16 @@ process is already one worker and runs :func:`run_worker` itself. Each rank:
   counts for accuracy, ``all_gather`` of the logits for ROC-AUC), so early stopping takes
   the same decision everywhere.
 
+``abkd-deploy teacher ... --nproc N`` (``launch(N, job="teacher")``) trains a teacher the
+same way: the same seeded model on every rank, DDP over its parameters, each rank on its
+shard of the labelled nodes (mini-batch: the vectorised sampler; full batch: the loss on the
+shard's rows over the whole graph), evaluation gathered.
+
 Rank 0 alone writes the run dir, through the writer of :mod:`abkd_deploy.distill.run`
-(staged, published whole). A rank that fails ends the run (the launcher stops the others)
-with a one-line :class:`~abkd_deploy.errors.DistributedError` naming the rank, and nothing
-is published. For a fixed ``N`` and seed the run is reproducible.
+(or :mod:`~abkd_deploy.distill.teacher`), staged and published whole. A rank that fails
+ends the run (the launcher stops the others) with a one-line
+:class:`~abkd_deploy.errors.DistributedError` naming the rank, and nothing is published.
+For a fixed ``N`` and seed the run is reproducible.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ FAIL_RANK_ENV, FAIL_EPOCH_ENV = "ABKD_DIST_FAIL_RANK", "ABKD_DIST_FAIL_EPOCH"
 ERRORS_ENV = "ABKD_DIST_ERRORS"
 #: Inside rank 0's staging dir: the ranks' teacher shards.
 CACHE_DIR = Path(".work") / "teacher_outputs"
+#: The jobs :func:`launch` runs, with their default run dirs.
+JOBS = {"distill": "runs/distill", "teacher": "runs/teacher"}
 
 
 def under_torchrun() -> bool:
@@ -62,15 +70,17 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(nproc: int, **kwargs: Any) -> dict[str, Any] | None:
-    """Runs :func:`abkd_deploy.distill.run.distill`'s job on ``nproc`` ranks.
+def launch(nproc: int, job: str = "distill", **kwargs: Any) -> dict[str, Any] | None:
+    """Runs :func:`abkd_deploy.distill.run.distill`'s job (or, with ``job="teacher"``,
+    :func:`abkd_deploy.distill.teacher.train_teacher`'s) on ``nproc`` ranks.
 
     Under ``torchrun`` this process is one rank (``nproc`` must then be 1: torchrun's
     ``--nproc-per-node`` decides). Otherwise ``nproc`` workers are spawned on this machine.
 
     Args:
         nproc: Processes on this machine.
-        kwargs: The keyword arguments of :func:`abkd_deploy.distill.run.distill`.
+        job: ``"distill"`` or ``"teacher"``.
+        kwargs: The keyword arguments of that job's function.
 
     Returns:
         The run's metrics on rank 0 (``None`` on the other ranks under torchrun).
@@ -84,10 +94,13 @@ def launch(nproc: int, **kwargs: Any) -> dict[str, Any] | None:
                 f"--nproc {nproc} under torchrun; torchrun's --nproc-per-node sets the "
                 "processes, leave --nproc at 1"
             )
-        return run_worker(kwargs)
+        return run_worker(kwargs, job)
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}; expected >= 1")
-    _check_before_launch(kwargs)
+    if job not in JOBS:
+        raise ConfigError(f"distributed job {job!r}; expected one of {', '.join(JOBS)}")
+    (_check_teacher_before_launch if job == "teacher" else _check_before_launch)(kwargs)
+    kwargs.setdefault("out", JOBS[job])
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # DDP's one-off C++ notes
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -112,9 +125,9 @@ def launch(nproc: int, **kwargs: Any) -> dict[str, Any] | None:
     errors = Path(tempfile.mkdtemp(prefix="abkd-dist-errors-"))
     os.environ[ERRORS_ENV] = str(errors)  # inherited by the spawned workers
     try:
-        results = elastic_launch(config, _entrypoint)(kwargs)
+        results = elastic_launch(config, _entrypoint)(kwargs, job)
     except ChildFailedError as exc:
-        _remove_leftovers(kwargs.get("out", "runs/distill"))
+        _remove_leftovers(kwargs["out"])
         raise _rank_error(exc, errors) from None
     finally:
         for q, level in zip(quiet, levels, strict=True):
@@ -139,6 +152,15 @@ def _check_before_launch(kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"--seeds {kwargs['seeds']}; expected >= 1")
     teacher = kwargs.get("teacher") or TeacherSpec()
     check_out_dir(kwargs.get("out", "runs/distill"), kwargs.get("force", False), [teacher.path])
+
+
+def _check_teacher_before_launch(kwargs: dict[str, Any]) -> None:
+    """The checks :func:`train_teacher` makes before training, done once before spawning."""
+    from abkd_deploy.models import MODELS
+    from abkd_deploy.staging import check_out_dir
+
+    MODELS.get(kwargs.get("arch", "gcnii"))
+    check_out_dir(kwargs.get("out", JOBS["teacher"]), kwargs.get("force", False))
 
 
 def _remove_leftovers(out: str | Path) -> None:
@@ -178,11 +200,11 @@ def _rank_error(exc: Any, errors: Path) -> DistributedError | ConfigError:
     )
 
 
-def _entrypoint(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+def _entrypoint(kwargs: dict[str, Any], job: str) -> dict[str, Any] | None:
     """What each spawned worker runs (module level, so it can be pickled)."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(run_worker)(kwargs)
+    return record(run_worker)(kwargs, job)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -194,8 +216,8 @@ def _on_term(signum: int, _frame: Any) -> None:
     raise _Terminated
 
 
-def run_worker(kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """One rank's whole run: process group, training, run dir (rank 0), teardown."""
+def run_worker(kwargs: dict[str, Any], job: str = "distill") -> dict[str, Any] | None:
+    """One rank's whole run of ``job``: process group, training, run dir (rank 0), teardown."""
     from abkd_deploy.devices import resolve_device
 
     train = kwargs.get("train")
@@ -208,7 +230,7 @@ def run_worker(kwargs: dict[str, Any]) -> dict[str, Any] | None:
         signal.signal(signal.SIGTERM, _on_term)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     try:
-        return _distill(device=device, **kwargs)
+        return (_teacher if job == "teacher" else _distill)(device=device, **kwargs)
     except BaseException as exc:
         _report_failure(exc)
         if isinstance(exc, AbkdError):  # keep the typed message for the launcher
@@ -263,9 +285,9 @@ def _distill(
     from abkd_deploy.distill.run import (
         WORK_DIR,
         RunRecord,
-        _metrics,
-        _write_run,
         prepare_teacher,
+        run_metrics,
+        write_run,
     )
     from abkd_deploy.distill.specs import KDSpec, StudentSpec, TeacherSpec
     from abkd_deploy.distill.teacher import dataset_ref
@@ -291,7 +313,7 @@ def _distill(
             runs, extra = _all_seeds(data, teacher_model, student, kd, train, seeds, stage, device)
             t_scores = split_scores(data, dataset_outputs(teacher_model, data)[0])
             recorded = teacher if teacher_record is None else replace(teacher, path=teacher_record)
-            metrics = _metrics(ref, data.metric, kd.method, teacher_model, t_scores, runs, start)
+            metrics = run_metrics(ref, data.metric, kd.method, teacher_model, t_scores, runs, start)
             metrics["distributed"] = {"world_size": world, "backend": dist.get_backend(), **extra}
             best = max(runs, key=lambda r: r.val_score)
             record = RunRecord(
@@ -305,7 +327,7 @@ def _distill(
                 best=best,
                 metrics=metrics,
             )
-            _write_run(stage, record)
+            write_run(stage, record)
             dist.barrier()  # every rank has closed its teacher shard
             shutil.rmtree(stage / WORK_DIR, ignore_errors=True)
             write_run_record(stage, "distill")
@@ -321,6 +343,73 @@ def _distill(
         if created:
             shutil.rmtree(stage, ignore_errors=True)
     return None
+
+
+def _teacher(
+    device: torch.device,
+    dataset: str = "csbm",
+    root: str | Path | None = None,
+    split: str | None = None,
+    arch: str = "gcnii",
+    layers: int = 16,
+    hidden: int = 64,
+    dropout: float | None = None,
+    train: Any = None,
+    out: str | Path = "runs/teacher",
+    force: bool = False,
+) -> dict[str, Any] | None:
+    """The worker side of ``launch(job="teacher")`` (same arguments as ``train_teacher``).
+
+    Every rank builds the same teacher (same seed) and trains it with
+    :func:`fit_distributed` on its shard of the labelled nodes (plain cross-entropy);
+    rank 0 writes the run dir.
+    """
+    from abkd_deploy.data import load_dataset
+    from abkd_deploy.distill.graphs import GraphView
+    from abkd_deploy.distill.teacher import build_teacher, dataset_ref, write_teacher_run
+    from abkd_deploy.distill.trainer import TrainConfig
+    from abkd_deploy.staging import staged_directory, write_run_record
+
+    train = train or TrainConfig()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start = time.perf_counter()
+    if rank != 0:
+        dist.barrier()  # rank 0 loads (and caches) the dataset first
+    data = load_dataset(dataset, root, split)
+    if rank == 0:
+        dist.barrier()
+    else:
+        train = replace(train, progress=False)
+    model = build_teacher(data, dataset, arch, layers, hidden, dropout, train.seed)
+    shard = seed_shard(data, "ce", train.seed, rank, world)
+    fit = fit_distributed(model, GraphView(data, device), train, None, None, shard, None)
+    digest = state_sha256(model)
+    digests = [None] * world
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise DistributedError(f"ranks ended with different parameters: {digests}")
+    rss = [None] * world
+    dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if rank != 0:
+        dist.barrier()  # rank 0 has published
+        return None
+    extra = {
+        "distributed": {
+            "world_size": world,
+            "backend": dist.get_backend(),
+            "peak_rss_mib_per_rank": rss,
+            "seed_nodes_per_rank": int(shard.numel()),
+            "rank_state_sha256": digest,
+        }
+    }
+    ref = dataset_ref(dataset, root, split)
+    try:
+        with staged_directory(out, force) as stage:
+            metrics = write_teacher_run(stage, model, fit, data, ref, train, start, extra)
+            write_run_record(stage, "teacher")
+    finally:
+        dist.barrier()
+    return metrics
 
 
 def _broadcast(objects: list[Any]) -> list[Any]:
@@ -590,7 +679,8 @@ def fit_distributed(
             else:
                 inputs, graph = view.full(model)
                 targets = chunk.to(device)
-                take, edges = targets, _edges_among(view, targets)
+                take = targets
+                edges = None if objective is None else _edges_among(view, targets)
                 tgraph = view.full(teacher) if teacher is not None else None
             rows = None if cache is None else cache.rows(targets, device)
             optim.zero_grad(set_to_none=True)

@@ -53,7 +53,7 @@ class SeedResult:
 
 @dataclass
 class RunRecord:
-    """What a distill run writes into its directory (the inputs of :func:`_write_run`)."""
+    """What a distill run writes into its directory (the inputs of :func:`write_run`)."""
 
     dataset: dict[str, Any]
     teacher: TeacherSpec  # as recorded (compare records the published teacher path)
@@ -137,9 +137,9 @@ def distill(
             seeds=seeds,
             teacher_src=teacher_src,
             best=best,
-            metrics=_metrics(ref, data.metric, kd.method, teacher_model, t_scores, runs, start),
+            metrics=run_metrics(ref, data.metric, kd.method, teacher_model, t_scores, runs, start),
         )
-        _write_run(stage, record)
+        write_run(stage, record)
         shutil.rmtree(work, ignore_errors=True)
         write_run_record(stage, "distill")
     return record.metrics
@@ -179,7 +179,7 @@ def _one_seed(
     return SeedResult(train.seed, model.cpu(), result, attention, t.cpu())
 
 
-def _metrics(
+def run_metrics(
     ref: dict[str, Any],
     metric: str,
     method: str,
@@ -232,7 +232,7 @@ def _metrics(
     }
 
 
-def _write_run(out: Path, run: RunRecord) -> None:
+def write_run(out: Path, run: RunRecord) -> None:
     """Writes the run's files into ``out`` (the staging directory)."""
     best, metrics, ref, kd = run.best, run.metrics, run.dataset, run.kd
     if kd.teacher_mode == "joint":  # the fine-tuned teacher of the saved seed
@@ -299,4 +299,6 @@ __all__ = [
     "TeacherSpec",
     "distill",
     "prepare_teacher",
+    "run_metrics",
+    "write_run",
 ]

@@ -11,10 +11,10 @@ from typing import Any
 from abkd_deploy.data import load_dataset
 from abkd_deploy.distill.graphs import build_for_data
 from abkd_deploy.distill.specs import TeacherSpec
-from abkd_deploy.distill.trainer import TrainConfig, Trainer
+from abkd_deploy.distill.trainer import FitResult, TrainConfig, Trainer
 from abkd_deploy.errors import CheckpointError
 from abkd_deploy.files import write_json
-from abkd_deploy.models import save_model
+from abkd_deploy.models import GNN, save_model
 from abkd_deploy.models.typed import parameter_counts
 from abkd_deploy.plots import plot_curves
 from abkd_deploy.rundir import checkpoint_hashes
@@ -60,43 +60,79 @@ def train_teacher(
     start = time.perf_counter()
     check_out_dir(out, force)
     data = load_dataset(dataset, root, split)
-    if dropout is None:
-        dropout = 0.6 if arch == "gcnii" else 0.5
-    seed_everything(train.seed)  # model initialisation is part of the seeded run
-    model = build_for_data(
-        arch, data, dataset, hidden=hidden, num_layers=layers, dropout=dropout, role="teacher"
-    )
+    model = build_teacher(data, dataset, arch, layers, hidden, dropout, train.seed)
     result = Trainer(model, data, train, desc=f"teacher {arch}").fit()
     ref = dataset_ref(dataset, root, split)
     with staged_directory(out, force) as stage:
-        save_model(model.cpu(), stage, "teacher", extra={"dataset": ref})
-        hashes = checkpoint_hashes(stage, ("teacher.safetensors",))
-        metrics = {
-            "dataset": ref,
-            "metric": data.metric,
-            "arch": arch,
-            **parameter_counts(model),  # params, params_without_embeddings
-            **score_keys(result.scores),  # val/test/train _score and legacy _acc
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "seconds_per_epoch": result.seconds_per_epoch,
-            "seconds": time.perf_counter() - start,
-            "seed": train.seed,
-            "checkpoints": hashes,
-        }
-        write_json(
-            stage / "config.json",
-            {
-                "command": "teacher",
-                "dataset": ref,
-                "model": model.config,
-                "train": vars(train),
-                "checkpoints": hashes,
-            },
-        )
-        write_json(stage / "metrics.json", metrics)
-        plot_curves(result.history, stage / "curves.png", f"teacher {arch} on {dataset}")
+        metrics = write_teacher_run(stage, model, result, data, ref, train, start)
         write_run_record(stage, "teacher")
+    return metrics
+
+
+def build_teacher(
+    data: Any,
+    dataset: str,
+    arch: str,
+    layers: int,
+    hidden: int,
+    dropout: float | None,
+    seed: int,
+) -> GNN:
+    """A fresh teacher for ``data``, initialised under ``seed`` (``dropout`` ``None``: 0.6
+    for gcnii, 0.5 otherwise)."""
+    if dropout is None:
+        dropout = 0.6 if arch == "gcnii" else 0.5
+    seed_everything(seed)  # model initialisation is part of the seeded run
+    return build_for_data(
+        arch, data, dataset, hidden=hidden, num_layers=layers, dropout=dropout, role="teacher"
+    )
+
+
+def write_teacher_run(
+    stage: Path,
+    model: GNN,
+    result: FitResult,
+    data: Any,
+    ref: dict[str, Any],
+    train: TrainConfig,
+    start: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Writes a teacher run's files (not ``run.json``) into ``stage``; returns its metrics.
+
+    Args:
+        stage: The staging directory. model: the trained teacher. result: its fit.
+        data: The dataset (its ``metric``). ref: :func:`dataset_ref`. train: the settings.
+        start: ``time.perf_counter()`` at the run's start. extra: more metrics keys.
+    """
+    save_model(model.cpu(), stage, "teacher", extra={"dataset": ref})
+    hashes = checkpoint_hashes(stage, ("teacher.safetensors",))
+    metrics = {
+        "dataset": ref,
+        "metric": data.metric,
+        "arch": model.arch,
+        **parameter_counts(model),  # params, params_without_embeddings
+        **score_keys(result.scores),  # val/test/train _score and legacy _acc
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "seconds": time.perf_counter() - start,
+        "seed": train.seed,
+        "checkpoints": hashes,
+        **(extra or {}),
+    }
+    write_json(
+        stage / "config.json",
+        {
+            "command": "teacher",
+            "dataset": ref,
+            "model": model.config,
+            "train": vars(train),
+            "checkpoints": hashes,
+        },
+    )
+    write_json(stage / "metrics.json", metrics)
+    plot_curves(result.history, stage / "curves.png", f"teacher {model.arch} on {ref['name']}")
     return metrics
 
 

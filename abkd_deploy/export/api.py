@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from abkd_deploy.errors import ConfigError
 from abkd_deploy.export.adjacency import ADJACENCY, AdjacencyFormat, ExportContext, ExportSpec
 from abkd_deploy.export.formats import DTYPES, ArtifactFormat, runner_threads
 from abkd_deploy.export.manifest import provenance_from_run
@@ -45,10 +46,13 @@ from abkd_deploy.export.reference import (
     load_run_dataset,
     reference_scores,
 )
+from abkd_deploy.export.snapshot import load_snapshot, snapshot_entry
 from abkd_deploy.export.validate import RUNS, validate_artifact
 from abkd_deploy.files import write_json
 from abkd_deploy.manifest import MANIFEST_NAME, build_manifest, file_entries
 from abkd_deploy.models import count_parameters, load_model
+from abkd_deploy.names import DATASET_FAMILIES
+from abkd_deploy.registry import check_name
 from abkd_deploy.rundir import verify_run_dir
 from abkd_deploy.scoring import score
 from abkd_deploy.staging import staged_directory
@@ -70,6 +74,9 @@ def export(
     seed: int = 0,
     progress: bool = True,
     precompute: bool | str = True,
+    dataset: str | None = None,
+    root: str | None = None,
+    split: str | None = None,
 ) -> dict[str, Any]:
     """Exports the student of ``run_dir`` into ``out_dir`` (see module docstring).
 
@@ -93,19 +100,28 @@ def export(
             ``1..L-1`` for every node (computed once here), so a request runs only the
             last layer (:mod:`abkd_deploy.export.precompute`). Same outputs. ``"all"``
             (``embedded`` only): store every node's outputs, the graph is a lookup.
+        dataset: Embed this snapshot of the graph instead of the run's own dataset (same
+            feature width, classes and metric; :mod:`abkd_deploy.export.snapshot`). The
+            accuracy is then on this snapshot's test split.
+        root: The snapshot's folder (with ``dataset``).
+        split: The snapshot's split (with ``dataset``).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
 
     Raises:
-        ConfigError: a bad option (unknown format / adjacency / dtype, opset, fanout,
-            existing ``out_dir``).
+        ConfigError: a bad option (unknown format / adjacency / dtype / dataset, opset,
+            fanout, existing ``out_dir``) or a snapshot that does not fit the student.
         CheckpointError: ``run_dir`` holds no usable student or names no dataset.
         ExportError / ValidationError: an artifact could not be produced or validated.
     """
     clock = _Stopwatch()
     log = _logger(progress)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if dataset is not None:
+        check_name("dataset", str(dataset).partition(":")[0].strip(), DATASET_FAMILIES)
+    elif root is not None or split is not None:
+        raise ConfigError("root and split describe a snapshot: give them with dataset")
     fmts = resolve_formats(formats)
     adj = ADJACENCY.get(adjacency)
     precompute_mode(precompute, adj.name)  # a bad value or `all` for ell/coo: refused now
@@ -115,7 +131,13 @@ def export(
     check_out_dir(out_dir, force, run_dir)
     student = student.float().cpu().eval()
     check_supported(adj, fmts, dtype, student.arch)
-    data = load_run_dataset(run_dir, meta, student)
+    provenance = provenance_from_run(run_dir, meta)
+    if dataset is None:
+        data = load_run_dataset(run_dir, meta, student)
+    else:
+        trained_on, metric = provenance["dataset"], provenance["metric"]
+        data = load_snapshot(dataset, root, split, student, trained_on, metric)
+        provenance["snapshot"] = snapshot_entry(dataset, root, split, data)
     clock.lap("load_s")
     ctx = export_context(adj, student, data, fanouts, seed, dtype, precompute)
     clock.lap("tables_s")
@@ -128,13 +150,13 @@ def export(
     clock.lap("build_s")
     ref = reference_scores(ctx, adj.exact_graph)
     clock.lap("reference_s")
+    on = f" of snapshot {dataset!r}" if dataset is not None else ""
     log(
-        f"  PyTorch student test {data.metric}: {ref.student:.4f} with fanouts {ctx.fanouts} "
-        f"({ref.exact_graph:.4f} on the exact graph)"
+        f"  PyTorch student test{on} {data.metric}: {ref.student:.4f} with fanouts "
+        f"{ctx.fanouts} ({ref.exact_graph:.4f} on the exact graph)"
     )
     with staged_directory(out_dir, force, sources=[run_dir]) as tmp:
         results = {f.name: _export_one(f, adj, spec, ctx, tmp, target, ref, log) for f in fmts}
-        provenance = provenance_from_run(run_dir, meta)
         manifest = _manifest(adj, spec, ctx, target, ref, results, provenance)
         _write_manifest(tmp, manifest, fmts, results, clock)
     log(

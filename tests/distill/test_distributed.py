@@ -97,3 +97,74 @@ def test_a_rerun_with_the_same_seed_and_ranks_gives_the_same_student(setup):
     first, second = (load_file(root / d / "student.safetensors") for d in ("two", "two-again"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+TEACHER = {"dataset": DATA, "arch": "gcn", "layers": 2, "hidden": 32}
+
+
+def test_a_two_rank_teacher_matches_single_process_and_feeds_distill(setup):
+    from safetensors.torch import load_file
+
+    from abkd_deploy.distill.distributed import state_sha256
+    from abkd_deploy.models import load_model
+
+    root, spec, train, _, _ = setup
+    single = json.loads((root / "teacher" / "metrics.json").read_text())
+    two = launch(
+        2,
+        job="teacher",
+        **TEACHER,
+        train=TrainConfig(epochs=40, progress=False),  # as the fixture's teacher, full batch
+        out=root / "teacher-two",
+    )
+    info = two["distributed"]
+    assert info["world_size"] == 2 and info["backend"] == "gloo"
+    from abkd_deploy.data import load_dataset
+
+    labelled = int(load_dataset(DATA).train_mask.sum())
+    assert info["seed_nodes_per_rank"] == (labelled + 1) // 2  # rank 0: rows 0::2
+    # every rank's parameter hash was compared inside the run; the saved ones are those
+    model, _ = load_model(root / "teacher-two", "teacher")
+    assert state_sha256(model) == info["rank_state_sha256"]
+    assert load_file(root / "teacher-two" / "teacher.safetensors").keys() == (
+        load_file(root / "teacher" / "teacher.safetensors").keys()
+    )
+    assert abs(single["test_score"] - two["test_score"]) < 0.05, (single, two)
+    assert not list(root.glob(".teacher-two.*")), "staging leftovers"
+    m = distill(
+        **{**spec, "teacher": TeacherSpec(path=str(root / "teacher-two"))},
+        train=replace(train, epochs=2),
+        out=root / "from-two-teacher",
+    )
+    assert m["teacher"]["test_score"] == pytest.approx(two["test_score"], abs=1e-6)
+
+
+def test_teacher_nproc_on_the_command_line_mini_batch(setup):
+    from click.testing import CliRunner
+
+    from abkd_deploy.cli import main
+
+    root = setup[0]
+    out = root / "teacher-cli"
+    args = ["teacher", "--dataset", DATA, "--arch", "gcn", "--layers", "2", "--hidden", "32"]
+    args += ["--epochs", "5", "--batch-size", str(BATCH), "--nproc", "2", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"-> {out}" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distributed"]["world_size"] == 2 and metrics["epochs_run"] == 5
+
+
+def test_a_dying_teacher_rank_is_named_and_nothing_is_published(setup, monkeypatch):
+    root = setup[0]
+    monkeypatch.setenv(FAIL_RANK_ENV, "1")
+    with pytest.raises(DistributedError) as err:
+        launch(
+            2,
+            job="teacher",
+            **TEACHER,
+            train=TrainConfig(epochs=5, progress=False),
+            out=root / "teacher-dead",
+        )
+    assert "\n" not in str(err.value) and "rank 1" in str(err.value)
+    assert not (root / "teacher-dead").exists() and not list(root.glob(".teacher-dead.*"))
