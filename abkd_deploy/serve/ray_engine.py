@@ -102,7 +102,7 @@ def build_http_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from abkd_deploy.serve.errors import RequestError, RequestTimeout
-    from abkd_deploy.serve.server import _error_body, _read_body, http_error
+    from abkd_deploy.serve.server import error_body, http_error, read_body
     from abkd_deploy.serve.wire import (
         BINARY_TYPE,
         JSON_TYPE,
@@ -138,14 +138,14 @@ def build_http_app(
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         try:
-            body = await _read_body(request, max_body, body_timeout_s)
+            body = await read_body(request, max_body, body_timeout_s)
             req = parse_request(body, num_nodes, max_ids, with_embedding)
             pred = await ask_model(req)
         except (RequestError, Unavailable) as exc:
             headers = None
             if isinstance(exc, RequestTimeout) or exc.code == "too_large":
                 headers = {"connection": "close"}  # the rest of the body may still come
-            return JSONResponse(_error_body(exc, exc.code), exc.http_status, headers=headers)
+            return JSONResponse(error_body(exc, exc.code), exc.http_status, headers=headers)
         if wants_binary(request.headers.get("accept", "")):
             return Response(encode_binary(pred, req), media_type=BINARY_TYPE)
         return Response(encode_json(pred, req), media_type=JSON_TYPE)

@@ -76,7 +76,7 @@ DEFAULT_MAX_BATCH = 1024
 DEFAULT_MAX_WAIT_MS = 2.0
 
 
-def _error_body(exc: Exception, code: str) -> dict[str, Any]:
+def error_body(exc: Exception, code: str) -> dict[str, Any]:
     err: dict[str, Any] = {"code": code, "message": str(exc)}
     if hasattr(exc, "values"):
         err["values"] = exc.values
@@ -95,7 +95,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """Reads the body, refusing more than ``limit`` bytes (413) without buffering it all,
     and a body that has not fully arrived after ``timeout_s`` seconds (408)."""
     length = request.headers.get("content-length", "")
@@ -225,7 +225,7 @@ def create_app(
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         try:
-            body = await _read_body(request, max_body, body_timeout_s)
+            body = await read_body(request, max_body, body_timeout_s)
             served, req, pred = await models.apredict(
                 lambda m: parse_request(body, m.predictor.num_nodes, max_ids, with_embedding),
                 run_request,
@@ -235,7 +235,7 @@ def create_app(
             headers = None
             if isinstance(exc, RequestTimeout) or exc.code == "too_large":
                 headers = {"connection": "close"}  # the rest of the body may still come
-            return JSONResponse(_error_body(exc, exc.code), exc.http_status, headers=headers)
+            return JSONResponse(error_body(exc, exc.code), exc.http_status, headers=headers)
         version = served.version
         headers = None if version is None else {"x-model-version": str(version)}
         if wants_binary(request.headers.get("accept", "")):
