@@ -230,14 +230,17 @@ def run_worker(kwargs: dict[str, Any], job: str = "distill") -> dict[str, Any] |
         signal.signal(signal.SIGTERM, _on_term)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     try:
-        return (_teacher if job == "teacher" else _distill)(device=device, **kwargs)
+        result = (_teacher if job == "teacher" else _distill)(device=device, **kwargs)
     except BaseException as exc:
+        # No destroy_process_group() here: with a peer blocked in a collective it can wait
+        # for that peer (seen once in CI: the run hung until the test's timeout). Exiting
+        # closes this rank's sockets, so the peers fail at once and the launcher reports it.
         _report_failure(exc)
         if isinstance(exc, AbkdError):  # keep the typed message for the launcher
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
         raise
-    finally:
-        dist.destroy_process_group()
+    dist.destroy_process_group()
+    return result
 
 
 def _is_peer_error(line: str) -> bool:
