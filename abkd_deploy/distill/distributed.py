@@ -236,6 +236,10 @@ def run_worker(kwargs: dict[str, Any], job: str = "distill") -> dict[str, Any] |
         # for that peer (seen once in CI: the run hung until the test's timeout). Exiting
         # closes this rank's sockets, so the peers fail at once and the launcher reports it.
         _report_failure(exc)
+        if os.environ.get(ERRORS_ENV):  # our launcher reads the report: leave at once,
+            sys.stdout.flush()  # with no interpreter teardown that could wait for a peer
+            sys.stderr.flush()
+            os._exit(1)
         if isinstance(exc, AbkdError):  # keep the typed message for the launcher
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
         raise
