@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -80,6 +81,7 @@ class ServeMetrics:
             ["code", "reason"],
             registry=reg,
         )
+        self._requests_by_status: dict[int, Any] = {}
         self.node_ids = Counter(f"{prefix}_node_ids", "Node ids classified.", registry=reg)
         self.batch_size = Histogram(
             f"{prefix}_batch_size",
@@ -117,7 +119,10 @@ class ServeMetrics:
             seconds: time spent on it.
             error_code: machine-readable reason of a non-2xx answer (``invalid_node_ids``).
         """
-        self.requests.labels(str(status)).inc()
+        child = self._requests_by_status.get(status)
+        if child is None:  # one label lookup per status, not per request
+            child = self._requests_by_status[status] = self.requests.labels(str(status))
+        child.inc()
         if status >= 400:
             self.errors.labels(str(status), error_code or "error").inc()
         self.request_latency.observe(seconds)

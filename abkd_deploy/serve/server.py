@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_MAX_WAIT_MS = 2.0
+#: ``asyncio.timeout`` (Python 3.11+), else ``None``.
+_timeout = getattr(asyncio, "timeout", None)
 
 
 def error_body(exc: Exception, code: str) -> dict[str, Any]:
@@ -112,7 +114,12 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(read(), timeout_s)
+        if _timeout is None:  # Python 3.10
+            return await asyncio.wait_for(read(), timeout_s)
+        # a deadline on this task: no extra task and loop iterations per request, which
+        # wait_for costs (~0.1 ms of a ~0.8 ms request on a busy 2-core machine)
+        async with _timeout(timeout_s):
+            return await read()
     except asyncio.TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {timeout_s:g} s; closing the connection"
