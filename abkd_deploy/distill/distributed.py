@@ -43,10 +43,11 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from abkd_deploy.errors import AbkdError, ConfigError, DistributedError
+
+T = TypeVar("T")
 
 #: Test hook: the rank that raises at epoch ``ABKD_DIST_FAIL_EPOCH`` (default 2).
 FAIL_RANK_ENV, FAIL_EPOCH_ENV = "ABKD_DIST_FAIL_RANK", "ABKD_DIST_FAIL_EPOCH"
@@ -291,7 +294,7 @@ def _distill(
     from abkd_deploy.distill.evaluate import dataset_outputs, split_scores
     from abkd_deploy.distill.run import (
         WORK_DIR,
-        RunRecord,
+        build_record,
         prepare_teacher,
         run_metrics,
         write_run,
@@ -305,11 +308,7 @@ def _distill(
     train = train or TrainConfig()
     rank, world = dist.get_rank(), dist.get_world_size()
     start = time.perf_counter()
-    if rank != 0:
-        dist.barrier()  # rank 0 loads (and caches) the dataset first
-    data = load_dataset(dataset, root, split)
-    if rank == 0:
-        dist.barrier()
+    data = rank0_first(lambda: load_dataset(dataset, root, split))
     ref = dataset_ref(dataset, root, split)
     if rank == 0:
         with staged_directory(out, force, [teacher.path]) as stage:
@@ -319,20 +318,10 @@ def _distill(
             _broadcast([str(stage), teacher_model])
             runs, extra = _all_seeds(data, teacher_model, student, kd, train, seeds, stage, device)
             t_scores = split_scores(data, dataset_outputs(teacher_model, data)[0])
-            recorded = teacher if teacher_record is None else replace(teacher, path=teacher_record)
             metrics = run_metrics(ref, data.metric, kd.method, teacher_model, t_scores, runs, start)
             metrics["distributed"] = {"world_size": world, "backend": dist.get_backend(), **extra}
-            best = max(runs, key=lambda r: r.val_score)
-            record = RunRecord(
-                dataset=ref,
-                teacher=recorded,
-                student=student,
-                kd=kd,
-                train=train,
-                seeds=seeds,
-                teacher_src=teacher_src,
-                best=best,
-                metrics=metrics,
+            record = build_record(
+                ref, teacher, teacher_record, student, kd, train, seeds, teacher_src, runs, metrics
             )
             write_run(stage, record)
             dist.barrier()  # every rank has closed its teacher shard
@@ -380,12 +369,8 @@ def _teacher(
     train = train or TrainConfig()
     rank, world = dist.get_rank(), dist.get_world_size()
     start = time.perf_counter()
+    data = rank0_first(lambda: load_dataset(dataset, root, split))
     if rank != 0:
-        dist.barrier()  # rank 0 loads (and caches) the dataset first
-    data = load_dataset(dataset, root, split)
-    if rank == 0:
-        dist.barrier()
-    else:
         train = replace(train, progress=False)
     model = build_teacher(data, dataset, arch, layers, hidden, dropout, train.seed)
     shard = seed_shard(data, "ce", train.seed, rank, world)
@@ -417,6 +402,21 @@ def _teacher(
     finally:
         dist.barrier()
     return metrics
+
+
+def rank0_first(load: Callable[[], T]) -> T:
+    """Runs ``load`` on rank 0 first, then on the other ranks (e.g. so rank 0 fills a cache).
+
+    Every rank calls this; the other ranks wait at a barrier until rank 0's ``load``
+    returns, then run their own. Returns this rank's result.
+    """
+    rank = dist.get_rank()
+    if rank != 0:
+        dist.barrier()  # rank 0 loads (and caches) first
+    result = load()
+    if rank == 0:
+        dist.barrier()
+    return result
 
 
 def _broadcast(objects: list[Any]) -> list[Any]:
@@ -615,7 +615,7 @@ def fit_distributed(
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from abkd_deploy.distill.trainer import FitResult, _fit_fanouts
+    from abkd_deploy.distill.trainer import FitResult, fit_fanouts
     from abkd_deploy.progress import Progress
 
     device, rank = view.device, dist.get_rank()
@@ -645,7 +645,7 @@ def fit_distributed(
     optim = torch.optim.Adam(params, weight_decay=cfg.weight_decay)
     sampler = None
     if cfg.batch_size:
-        fanouts = _fit_fanouts(cfg.fanouts, model.num_layers)
+        fanouts = fit_fanouts(cfg.fanouts, model.num_layers)
         sampler = view.sampler(fanouts, model.norm, seed=cfg.seed)
     sizes = [None] * dist.get_world_size()
     dist.all_gather_object(sizes, int(shard.numel()))

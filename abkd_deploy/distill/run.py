@@ -66,6 +66,37 @@ class RunRecord:
     metrics: dict[str, Any]
 
 
+def build_record(
+    ref: dict[str, Any],
+    teacher: TeacherSpec,
+    teacher_record: str | None,
+    student: StudentSpec,
+    kd: KDSpec,
+    train: TrainConfig,
+    seeds: int,
+    teacher_src: Path,
+    runs: list[SeedResult],
+    metrics: dict[str, Any],
+) -> RunRecord:
+    """The :class:`RunRecord` of a run: its best seed by validation, the teacher as recorded.
+
+    ``teacher_record``: the teacher path to record instead of ``teacher.path`` (``None``:
+    ``teacher`` as given).
+    """
+    recorded = teacher if teacher_record is None else replace(teacher, path=teacher_record)
+    return RunRecord(
+        dataset=ref,
+        teacher=recorded,
+        student=student,
+        kd=kd,
+        train=train,
+        seeds=seeds,
+        teacher_src=teacher_src,
+        best=max(runs, key=lambda r: r.val_score),
+        metrics=metrics,
+    )
+
+
 def prepare_teacher(
     spec: TeacherSpec, data: Data, dataset: dict[str, Any], train: TrainConfig, workdir: Path
 ) -> tuple[GNN, Path]:
@@ -126,18 +157,9 @@ def distill(
             _one_seed(data, teacher_model, student, kd, replace(train, seed=train.seed + s))
             for s in range(seeds)
         ]
-        best = max(runs, key=lambda r: r.val_score)
-        recorded = teacher if teacher_record is None else replace(teacher, path=teacher_record)
-        record = RunRecord(
-            dataset=ref,
-            teacher=recorded,
-            student=student,
-            kd=kd,
-            train=train,
-            seeds=seeds,
-            teacher_src=teacher_src,
-            best=best,
-            metrics=run_metrics(ref, data.metric, kd.method, teacher_model, t_scores, runs, start),
+        metrics = run_metrics(ref, data.metric, kd.method, teacher_model, t_scores, runs, start)
+        record = build_record(
+            ref, teacher, teacher_record, student, kd, train, seeds, teacher_src, runs, metrics
         )
         write_run(stage, record)
         shutil.rmtree(work, ignore_errors=True)
@@ -297,6 +319,7 @@ __all__ = [
     "SeedResult",
     "StudentSpec",
     "TeacherSpec",
+    "build_record",
     "distill",
     "prepare_teacher",
     "run_metrics",

@@ -143,7 +143,7 @@ class Trainer:
         cache = None if (self.teacher is None or self.joint) else self._teacher_outputs()
         sampler = None
         if self.cfg.batch_size:
-            fanouts = _fit_fanouts(self.cfg.fanouts, model.num_layers)
+            fanouts = fit_fanouts(self.cfg.fanouts, model.num_layers)
             sampler = self.view.sampler(fanouts, model.norm, seed=self.cfg.seed)
 
         best = (-float("inf"), 0, None, None)
@@ -278,7 +278,7 @@ class Trainer:
         return self.objective(batch)
 
 
-def _fit_fanouts(fanouts: tuple[int, ...], num_layers: int) -> list[int]:
+def fit_fanouts(fanouts: tuple[int, ...], num_layers: int) -> list[int]:
     """Uses the given per-layer fanouts, repeating the last one for deeper models."""
     if not fanouts or any(int(k) < 1 for k in fanouts):
         raise ConfigError(f"fanouts={fanouts}; expected positive integers")
