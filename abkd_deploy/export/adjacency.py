@@ -56,6 +56,9 @@ class ExportContext:
         precompute: ``embedded`` only: store the outputs of layers ``1..L-1`` instead of
             computing them per request (:mod:`abkd_deploy.export.precompute`), where the
             architecture allows it; ``"all"``: store every node's outputs (a lookup).
+        states: ``embedded`` ``gcn``/``sage``: the layer states ``H^1..H^{L-1}`` over
+            ``tables`` when the caller already has them (an incremental refresh); computed
+            once, on first use, otherwise (:meth:`layer_states`).
     """
 
     student: GNN
@@ -66,6 +69,15 @@ class ExportContext:
     eval_ids: Tensor
     dtype: str = "float32"
     precompute: bool | str = False
+    states: list[Tensor] | None = None
+
+    def layer_states(self) -> list[Tensor]:
+        """``H^1..H^{L-1}``, [N, hidden] each (:func:`.precompute.layer_states`)."""
+        if self.states is None:
+            from abkd_deploy.export.precompute import layer_states
+
+            self.states = layer_states(self.student, self.data.x, self.tables)
+        return self.states
 
     @property
     def tables(self) -> list[FanoutTable]:

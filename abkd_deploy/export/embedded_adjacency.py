@@ -55,7 +55,9 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
     tree, precomputed = module, 0
     mode = precompute_mode(ctx.precompute, "embedded")
     if mode != "none" and can_precompute(student):
-        module = precompute_student(student, ctx.data.x, ctx.tables, index_dtype)
+        module = precompute_student(
+            student, ctx.data.x, ctx.tables, index_dtype, hidden=ctx.layer_states()[-1]
+        )
         features, layout = module.last.features, "precomputed"
         precomputed = student.num_layers - 1
     if mode == "all":  # every output stored: the graph is the lookup

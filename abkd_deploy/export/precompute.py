@@ -30,6 +30,7 @@ from abkd_deploy.data.ell import FanoutTable
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.export.fold import fold_input_transform
 from abkd_deploy.export.modules import EmbeddedStudent, TableBlock
+from abkd_deploy.export.quantize import lookup
 from abkd_deploy.models.base import GNN, LayerStack
 
 #: Archs whose hidden layers can be precomputed.
@@ -56,8 +57,14 @@ def single_layer(student: LayerStack, index: int, in_channels: int) -> LayerStac
 
 
 @torch.no_grad()
-def hidden_table(student: LayerStack, x: Tensor, tables: Sequence[FanoutTable]) -> Tensor:
-    """Outputs of layers ``1..L-1`` (after the activation) for every node.
+def layer_states(
+    student: LayerStack,
+    x: Tensor,
+    tables: Sequence[FanoutTable],
+    rows: Sequence[Tensor | None] | None = None,
+    previous: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    """Outputs ``H^1..H^{L-1}`` of layers ``1..L-1`` (after the activation) for every node.
 
     Layer ``l`` aggregates over table ``l``, exactly as the tree form does for any node
     at any level, so each row is what a request would compute for that node. Each
@@ -68,32 +75,53 @@ def hidden_table(student: LayerStack, x: Tensor, tables: Sequence[FanoutTable]) 
         student: Trained student in eval mode.
         x: [N, F] node features.
         tables: Fanout tables, layer 1 first (``L`` of them; the last is not used here).
+        rows: Incremental mode (with ``previous``): per layer ``l``, the [R_l] node ids
+            whose ``H^l`` must be recomputed (``None``: all of them); every other row is
+            taken from ``previous[l - 1]``.
+        previous: The ``L - 1`` states of an earlier graph (rows kept as they are).
 
     Returns:
-        [N, hidden], the input of the last layer.
+        ``L - 1`` tensors, ``H^l`` [N, hidden] each; the last is the input of the last layer.
     """
     act = getattr(F, student.activation)
-    h = x
+    h, states = x, []
     for index, table in enumerate(tables[:-1]):
         folded = fold_input_transform(single_layer(student, index, h.size(1)), h)
         assert folded is not None  # every PRECOMPUTE_ARCHS arch has a folder
         layer = folded.model.layers[0]
         w, sw = table.weights(student.norm)
         n, k = table.nbr.shape
+        wanted = None if rows is None else rows[index]
+        targets = torch.arange(n) if wanted is None else wanted.to(torch.int64)
         step = max(1, CHUNK_ELEMENTS // (k * folded.features.size(1)))
         parts = []
-        for i in range(0, n, step):
-            rows = torch.arange(i, min(n, i + step))
+        for i in range(0, targets.numel(), step):
+            ids = targets[i : i + step]
             op = TableBlock(
-                table.nbr[rows],
-                w[rows],
-                None if sw is None else sw[rows],
-                rows,
-                folded.dst_features,
+                table.nbr[ids], w[ids], None if sw is None else sw[ids], ids, folded.dst_features
             )
             parts.append(act(layer(folded.features, op)))
-        h = torch.cat(parts)
-    return h.contiguous()
+        if wanted is None or previous is None:
+            h = torch.cat(parts) if parts else folded.features.new_zeros((0, student.hidden))
+        else:
+            h = _with_rows(previous[index], n, targets, parts)
+        states.append(h.contiguous())
+    return states
+
+
+def _with_rows(old: Tensor, n: int, ids: Tensor, parts: list[Tensor]) -> Tensor:
+    """``old`` grown to ``n`` rows (new rows zero) with rows ``ids`` replaced by ``parts``."""
+    h = torch.zeros((n, old.size(1)), dtype=old.dtype)
+    keep = min(n, old.size(0))
+    h[:keep] = old[:keep]
+    if parts:
+        h[ids] = torch.cat(parts)
+    return h
+
+
+def hidden_table(student: LayerStack, x: Tensor, tables: Sequence[FanoutTable]) -> Tensor:
+    """[N, hidden] outputs of layer ``L - 1``: the last of :func:`layer_states`."""
+    return layer_states(student, x, tables)[-1]
 
 
 class PrecomputedStudent(nn.Module):
@@ -125,15 +153,20 @@ def precompute_student(
     x: Tensor,
     tables: Sequence[FanoutTable],
     index_dtype: torch.dtype = torch.int64,
+    hidden: Tensor | None = None,
 ) -> PrecomputedStudent:
     """Builds the precomputed ``embedded`` module (see the module docstring).
+
+    ``hidden``: the [N, hidden] ``H^{L-1}`` table when the caller already has it (an
+    incremental refresh); computed here otherwise.
 
     Raises:
         ValueError: ``student`` is not supported (check :func:`can_precompute` first).
     """
     if not can_precompute(student):
         raise ValueError(f"cannot precompute the hidden layers of a {student.arch} student")
-    hidden = hidden_table(student, x, tables)
+    if hidden is None:
+        hidden = hidden_table(student, x, tables)
     folded = fold_input_transform(single_layer(student, -1, student.hidden), hidden)
     assert folded is not None  # every PRECOMPUTE_ARCHS arch has a folder
     module = EmbeddedStudent(
@@ -196,8 +229,9 @@ class OutputTables(nn.Module):
         self.register_buffer("embedding_table", embedding.contiguous())
 
     def forward(self, node_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """``node_ids`` [B] int64 -> ``(logits [B, C], embedding [B, d])`` (plain Gathers)."""
-        return F.embedding(node_ids, self.logits_table), F.embedding(node_ids, self.embedding_table)
+        """``node_ids`` [B] int64 -> ``(logits [B, C], embedding [B, d])`` (plain Gathers;
+        int8 tables: Gather, Cast, Mul by the gathered scales)."""
+        return lookup(self.logits_table, node_ids), lookup(self.embedding_table, node_ids)
 
 
 @torch.no_grad()
