@@ -33,6 +33,7 @@ from abkd_deploy.errors import ConfigError
 from abkd_deploy.export.adjacency import ADJACENCY, AdjacencyFormat, ExportContext, ExportSpec
 from abkd_deploy.export.formats import DTYPES, ArtifactFormat, runner_threads
 from abkd_deploy.export.manifest import provenance_from_run
+from abkd_deploy.export.new_node_artifact import wants_new_nodes, write_new_nodes
 from abkd_deploy.export.options import (
     check_options,
     check_out_dir,
@@ -157,8 +158,15 @@ def export(
     )
     with staged_directory(out_dir, force, sources=[run_dir]) as tmp:
         results = {f.name: _export_one(f, adj, spec, ctx, tmp, target, ref, log) for f in fmts}
+        new_nodes, extra_files = None, []
+        if wants_new_nodes(ctx, adj.name, [f.name for f in fmts]):
+            new_nodes, extra_files = write_new_nodes(
+                ctx, spec, tmp, target.opset, target.dtype, target.atol, log
+            )
         manifest = _manifest(adj, spec, ctx, target, ref, results, provenance)
-        _write_manifest(tmp, manifest, fmts, results, clock)
+        if new_nodes is not None:
+            manifest["new_nodes"] = new_nodes
+        _write_manifest(tmp, manifest, fmts, results, clock, extra_files)
     log(
         f"export: wrote {out_dir} ({', '.join(manifest['files'])}) in "
         f"{manifest['timings']['total_s']:.1f} s"
@@ -300,14 +308,17 @@ def _write_manifest(
     fmts: Sequence[ArtifactFormat],
     results: dict[str, _Result],
     clock: _Stopwatch,
+    extra_files: Sequence[str] = (),
 ) -> None:
     """Adds timings, lets each format store the manifest (``finalize``), then adds the
-    files' hashes and writes ``manifest.json`` into the staging directory."""
+    hashes of the artifacts' files (and ``extra_files``) and writes ``manifest.json`` into
+    the staging directory."""
     manifest["timings"] = {k: round(v, 3) for k, v in clock.laps.items()}
     manifest["timings"].update({name: r.timings for name, r in results.items()})
     for fmt in fmts:
         fmt.finalize(tmp / fmt.filename, manifest)
-    manifest["files"] = file_entries(tmp, [f for r in results.values() for f in r.files])
+    names = [f for r in results.values() for f in r.files] + list(extra_files)
+    manifest["files"] = file_entries(tmp, names)
     manifest["timings"]["total_s"] = round(clock.total(), 3)
     write_json(tmp / MANIFEST_NAME, manifest)
 

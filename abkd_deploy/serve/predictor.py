@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from abkd_deploy.errors import ConfigError, DeviceError, first_line
-from abkd_deploy.serve.errors import ArtifactError, InvalidInput
+from abkd_deploy.serve.errors import ArtifactError, BatchTooLarge, InvalidInput
 from abkd_deploy.serve.lookup import lookup_tables
 from abkd_deploy.serve.manifest import check_model, load_manifest, onnx_file, verify_files
+from abkd_deploy.serve.new_nodes import NewNodeModel, NewNodes, as_new_nodes
 from abkd_deploy.serve.providers import create_session
 from abkd_deploy.serve.request_validation import as_node_ids
 
@@ -57,6 +58,18 @@ class Prediction:
         """Rows ``rows`` of every field (used to split a micro-batch back to its callers)."""
         emb = None if self.embedding is None else self.embedding[rows]
         return Prediction(self.classes[rows], self.scores[rows], emb)
+
+    @staticmethod
+    def concat(parts: list[Prediction]) -> Prediction:
+        """The rows of ``parts``, in order (answers for ``node_ids`` then ``nodes``)."""
+        if len(parts) == 1:
+            return parts[0]
+        embs = [p.embedding for p in parts]
+        return Prediction(
+            np.concatenate([p.classes for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            None if any(e is None for e in embs) else np.concatenate(embs),
+        )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -144,6 +157,16 @@ class Predictor:
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._check_signature()
+        self.new_nodes: NewNodeModel | None = None
+        if self.format == "embedded" and "new_nodes" in self.manifest:
+            self.new_nodes = NewNodeModel(
+                self.export_dir,
+                self.manifest["new_nodes"],
+                self.num_nodes,
+                device,
+                threads,
+                spinning,
+            )
         self._answers: _TableAnswers | None = None
         if self.manifest["adjacency"].get("precompute") == "all" and not self._info.on_cuda:
             tables = lookup_tables(model_path, self._outputs)
@@ -157,17 +180,24 @@ class Predictor:
         """Whether the model has an ``embedding`` output."""
         return "embedding" in self._outputs
 
-    def predict(self, node_ids: Any, return_embedding: bool = False) -> Prediction:
+    def predict(
+        self, node_ids: Any = None, return_embedding: bool = False, nodes: Any = None
+    ) -> Prediction:
         """Classifies a batch of nodes (``embedded`` exports).
 
         Args:
             node_ids: 1-D integers in ``[0, num_nodes)``, at most ``max_batch`` of them.
             return_embedding: also return the last hidden layer.
+            nodes: nodes that are not in the export: ``[{"features": [F floats],
+                "neighbors": [ids]}, ...]`` or :class:`~.new_nodes.NewNodes`
+                (:mod:`abkd_deploy.serve.new_nodes`); answered after ``node_ids``.
 
         Raises:
             InvalidNodeIds: non-integers, ids out of range, or an empty batch.
-            BatchTooLarge: more than ``max_batch`` ids.
-            InvalidInput: not an ``embedded`` export, or no ``embedding`` output.
+            BatchTooLarge: more than ``max_batch`` ids and nodes.
+            InvalidNewNodes: a new node with bad features or neighbours.
+            InvalidInput: not an ``embedded`` export, no ``embedding`` output, or ``nodes``
+                for an export without a new-node graph.
         """
         if self.format != "embedded":
             raise InvalidInput(
@@ -175,6 +205,8 @@ class Predictor:
             )
         if return_embedding and not self.has_embedding:
             raise InvalidInput(f"this model has no 'embedding' output (outputs: {self._outputs})")
+        if nodes is not None:
+            return self._predict_mixed(node_ids, nodes, return_embedding)
         ids = as_node_ids(node_ids, self.num_nodes, self.max_batch)
         if self._answers is not None:
             return self._answers.predict(ids, return_embedding)
@@ -187,6 +219,52 @@ class Predictor:
             scores=softmax(logits),  # in place: the array is this run's own
             embedding=np.asarray(outs[1]) if return_embedding else None,
         )
+
+    def check_nodes(self, nodes: Any, max_batch: int | None = None) -> NewNodes:
+        """Checks new nodes for this export (see :meth:`predict`).
+
+        Raises:
+            InvalidInput: the export has no new-node graph.
+            InvalidNewNodes / BatchTooLarge: see :func:`~.new_nodes.as_new_nodes`.
+        """
+        if self.new_nodes is None:
+            raise InvalidInput(
+                "this export cannot answer for new nodes (no new_nodes.onnx: re-export an "
+                "embedded gcn or sage student to ONNX)"
+            )
+        if isinstance(nodes, NewNodes):
+            return nodes
+        return as_new_nodes(nodes, self.new_nodes.limits, max_batch or self.max_batch)
+
+    def predict_nodes(self, nodes: Any, return_embedding: bool = False) -> Prediction:
+        """Answers new nodes only (:meth:`predict` with ``nodes``), in request order."""
+        checked = self.check_nodes(nodes)
+        assert self.new_nodes is not None
+        names = ["logits", "embedding"] if return_embedding else ["logits"]
+        outs = self.new_nodes.run(checked, names)
+        logits = np.asarray(outs[0], dtype=np.float32)
+        return Prediction(
+            classes=logits.argmax(axis=1).astype(np.int64),
+            scores=softmax(logits),
+            embedding=np.asarray(outs[1], dtype=np.float32) if return_embedding else None,
+        )
+
+    def _predict_mixed(self, node_ids: Any, nodes: Any, return_embedding: bool) -> Prediction:
+        checked = self.check_nodes(nodes)
+        has_ids = node_ids is not None and not (
+            isinstance(node_ids, list | tuple) and len(node_ids) == 0
+        )
+        if not has_ids and not len(checked):
+            raise InvalidInput("nothing to answer: node_ids and nodes are both empty")
+        parts = []
+        if has_ids:
+            ids = as_node_ids(node_ids, self.num_nodes, self.max_batch)
+            if ids.size + len(checked) > self.max_batch:
+                raise BatchTooLarge(int(ids.size) + len(checked), self.max_batch)
+            parts.append(self.predict(ids, return_embedding))
+        if len(checked):
+            parts.append(self.predict_nodes(checked, return_embedding))
+        return Prediction.concat(parts)
 
     def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Runs the model on a raw feed (any adjacency format) and returns every output.
@@ -233,6 +311,7 @@ class Predictor:
             "opset": m.get("opset"),
             "inputs": [i["name"] for i in m["inputs"]],
             "outputs": list(self._outputs),
+            "new_nodes": None if self.new_nodes is None else vars(self.new_nodes.limits),
         }
 
     def __repr__(self) -> str:

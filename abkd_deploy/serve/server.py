@@ -6,7 +6,9 @@ Endpoints:
   -> ``{"predictions": [class per id], "scores": [[probability per class] per id]}``, plus
   ``"embeddings"`` when asked for; ``"format": "top1"`` drops the scores, and
   ``Accept: application/octet-stream`` gets a binary body (:mod:`abkd_deploy.serve.wire`:
-  orjson parsing and encoding, float32 shortest decimals). Errors are always JSON,
+  orjson parsing and encoding, float32 shortest decimals). ``"nodes": [{"features": [...],
+  "neighbors": [ids]}]`` asks about nodes that are not in the export (alone or after
+  ``node_ids``; :mod:`abkd_deploy.serve.new_nodes`), answered after the ids. Errors are always JSON,
   ``{"error": {"code", "message", ...}}``:
   malformed JSON 400 (also ``NaN``/``Infinity``, which are not JSON), a body that does not
   arrive within the body timeout 408, a bad body or invalid ids 422 (``values`` lists the
@@ -220,7 +222,7 @@ def create_app(
 
     app.add_exception_handler(StarletteHTTPException, http_error)
 
-    async def run_request(batcher: MicroBatcher, req: PredictRequest) -> Prediction:
+    async def run_ids(batcher: MicroBatcher, req: PredictRequest) -> Prediction:
         if not req.return_embedding:
             return await batcher.apredict(req.ids)
         embedding_wanted[0] += 1
@@ -229,12 +231,31 @@ def create_app(
         finally:
             embedding_wanted[0] -= 1
 
+    async def run_request(served: ServedModel, req: PredictRequest) -> Prediction:
+        if req.nodes is None:
+            return await run_ids(served.batcher, req)
+        # new nodes: their own small graph, off the event loop; ids still go through the
+        # batcher, and the answers come back ids first
+        model, parts = served.predictor, []
+        if req.ids.size:
+            parts.append(await run_ids(served.batcher, req))
+        if len(req.nodes):
+            parts.append(
+                await asyncio.to_thread(model.predict_nodes, req.nodes, req.return_embedding)
+            )
+        return Prediction.concat(parts)
+
+    def parse_for(served: ServedModel, body: bytes) -> PredictRequest:
+        model = served.predictor
+        limits = None if model.new_nodes is None else model.new_nodes.limits
+        return parse_request(body, model.num_nodes, max_ids, with_embedding, limits)
+
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         try:
             body = await read_body(request, max_body, body_timeout_s)
             served, req, pred = await models.apredict(
-                lambda m: parse_request(body, m.predictor.num_nodes, max_ids, with_embedding),
+                lambda served: parse_for(served, body),
                 run_request,
             )
         except (RequestError, Unavailable) as exc:

@@ -301,13 +301,15 @@ class ModelVersions:
         old.batcher.close()
 
     async def apredict(
-        self, parse: Callable[[ServedModel], Any], run: Callable[[Any, Any], Awaitable[Prediction]]
+        self,
+        parse: Callable[[ServedModel], Any],
+        run: Callable[[ServedModel, Any], Awaitable[Prediction]],
     ) -> tuple[ServedModel, Any, Prediction]:
         """Answers one request wholly from one version.
 
         Args:
             parse: checks the request against a version (its ``num_nodes``...).
-            run: ``run(batcher, request)`` queues it on that version's batcher.
+            run: ``run(version, request)`` answers it with that version (its batcher).
 
         Returns:
             ``(version, parsed request, prediction)``.
@@ -316,7 +318,7 @@ class ModelVersions:
             served = self.current
             req = parse(served)
             try:
-                pred = await run(served.batcher, req)
+                pred = await run(served, req)
             except Unavailable:
                 if served is self.current or not served.batcher.closed:
                     raise

@@ -12,6 +12,9 @@ Responses:
   from the numpy arrays; float32 values are written with the shortest decimal that reads
   back as the same float32 (``0.1``, not ``0.10000000149011612``).
 * ``"format": "top1"``: ``{"predictions": [...]}`` (no scores).
+* ``"nodes": [{"features": [...], "neighbors": [ids]}]``: nodes that are not in the export
+  (:mod:`abkd_deploy.serve.new_nodes`), alone or after ``node_ids``; their answers follow
+  the ids' answers in the same lists, each part in request order.
 * Serving a model directory (``REPO/<model>``): ``"model_version": N`` in every JSON
   answer and an ``x-model-version`` header on every answer (binary ones included).
 * ``Accept: application/octet-stream``: a binary body, :data:`BINARY_HEADER` then the
@@ -29,10 +32,11 @@ import numpy as np
 import orjson
 
 from abkd_deploy.serve.errors import BatchTooLarge, RequestError
+from abkd_deploy.serve.new_nodes import InvalidNewNodes, NewNodeLimits, NewNodes, as_new_nodes
 from abkd_deploy.serve.predictor import Prediction
 from abkd_deploy.serve.request_validation import as_node_ids
 
-FIELDS = ("node_ids", "return_embedding", "format")
+FIELDS = ("node_ids", "nodes", "return_embedding", "format")
 FORMATS = ("full", "top1")
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
@@ -65,11 +69,13 @@ class PredictRequest:
         ids: ``[n]`` int64 node ids, valid for the model.
         return_embedding: also answer the last hidden layer.
         format: ``full`` (predictions and scores) or ``top1`` (predictions only).
+        nodes: new nodes (answered after ``ids``), or ``None``.
     """
 
     ids: np.ndarray
     return_embedding: bool
     format: str
+    nodes: NewNodes | None = None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -83,7 +89,13 @@ def _stdlib_loads(body: bytes) -> Any:
         raise BadRequest(f"body is not valid JSON: {exc}", 400, "malformed_json") from None
 
 
-def _checked(payload: Any, num_nodes: int, max_ids: int, with_embedding: bool) -> PredictRequest:
+def _checked(
+    payload: Any,
+    num_nodes: int,
+    max_ids: int,
+    with_embedding: bool,
+    new_nodes: NewNodeLimits | None = None,
+) -> PredictRequest:
     if not isinstance(payload, dict):
         raise BadRequest(
             f"body must be a JSON object, got {type(payload).__name__}", 422, "invalid_request"
@@ -93,8 +105,12 @@ def _checked(payload: Any, num_nodes: int, max_ids: int, with_embedding: bool) -
         raise BadRequest(
             f"unknown field(s) {unknown}; expected {sorted(FIELDS)}", 422, "invalid_request"
         )
-    if "node_ids" not in payload:
-        raise BadRequest("body needs 'node_ids': a list of node ids", 422, "invalid_request")
+    if "node_ids" not in payload and "nodes" not in payload:
+        raise BadRequest(
+            "body needs 'node_ids' (a list of node ids) or 'nodes' (new nodes)",
+            422,
+            "invalid_request",
+        )
     want_emb = payload.get("return_embedding", False)
     if not isinstance(want_emb, bool):
         raise BadRequest(
@@ -107,27 +123,64 @@ def _checked(payload: Any, num_nodes: int, max_ids: int, with_embedding: bool) -
         )
     if want_emb and not with_embedding:
         raise BadRequest("this model has no embedding output", 422, "invalid_request")
+    if "nodes" in payload:
+        return _with_nodes(payload, num_nodes, max_ids, want_emb, fmt, new_nodes)
     node_ids = payload["node_ids"]
     if isinstance(node_ids, list) and len(node_ids) > max_ids:
         raise BatchTooLarge(len(node_ids), max_ids, what="request")
     return PredictRequest(as_node_ids(node_ids, num_nodes, max_ids), want_emb, fmt)
 
 
-def parse_request(
-    body: bytes, num_nodes: int, max_ids: int, with_embedding: bool
+def _with_nodes(
+    payload: dict[str, Any],
+    num_nodes: int,
+    max_ids: int,
+    want_emb: bool,
+    fmt: str,
+    limits: NewNodeLimits | None,
 ) -> PredictRequest:
-    """Parses and checks ``{"node_ids": [...], "return_embedding": bool, "format": str}``.
+    """A request with ``nodes`` (and maybe ``node_ids``): both count towards ``max_ids``."""
+    if limits is None:
+        raise InvalidNewNodes(
+            "this model cannot answer for new nodes (its export has no new_nodes.onnx); "
+            "send node_ids only"
+        )
+    node_ids = payload.get("node_ids", [])
+    nodes = payload["nodes"]
+    n_ids = len(node_ids) if isinstance(node_ids, list) else 0
+    n_nodes = len(nodes) if isinstance(nodes, list) else 0
+    if n_ids + n_nodes > max_ids:
+        raise BatchTooLarge(n_ids + n_nodes, max_ids, what="request")
+    checked = as_new_nodes(nodes, limits, max_ids)
+    if isinstance(node_ids, list) and not node_ids:
+        if not len(checked):
+            raise BadRequest("node_ids and nodes are both empty", 422, "invalid_request")
+        return PredictRequest(np.empty(0, dtype=np.int64), want_emb, fmt, checked)
+    return PredictRequest(as_node_ids(node_ids, num_nodes, max_ids), want_emb, fmt, checked)
+
+
+def parse_request(
+    body: bytes,
+    num_nodes: int,
+    max_ids: int,
+    with_embedding: bool,
+    new_nodes: NewNodeLimits | None = None,
+) -> PredictRequest:
+    """Parses and checks ``{"node_ids": [...], "nodes": [...], "return_embedding": bool,
+    "format": str}`` (``nodes``: new nodes, :mod:`abkd_deploy.serve.new_nodes`, accepted
+    when ``new_nodes`` gives their limits).
 
     Raises:
         BadRequest: not JSON (400; also ``NaN``/``Infinity``), or a body of the wrong shape.
         InvalidNodeIds: ids that are not integers in ``[0, num_nodes)`` (422).
-        BatchTooLarge: more than ``max_ids`` ids (413).
+        InvalidNewNodes: a bad new node, or new nodes for a model without their graph (422).
+        BatchTooLarge: more than ``max_ids`` ids and nodes (413).
     """
     try:
-        return _checked(orjson.loads(body), num_nodes, max_ids, with_embedding)
+        return _checked(orjson.loads(body), num_nodes, max_ids, with_embedding, new_nodes)
     except (orjson.JSONDecodeError, RequestError):
         pass  # the standard library gives this body the answer it always got
-    return _checked(_stdlib_loads(body), num_nodes, max_ids, with_embedding)
+    return _checked(_stdlib_loads(body), num_nodes, max_ids, with_embedding, new_nodes)
 
 
 def wants_binary(accept: str) -> bool:

@@ -233,8 +233,8 @@ def test_request_racing_a_swap_goes_to_the_new_version(
             assert versions.check_now()  # the swap lands between parse and queueing
         return np.array([4, 2])
 
-    async def run(batcher, ids):
-        return await batcher.apredict(ids)
+    async def run(served, ids):
+        return await served.batcher.apredict(ids)
 
     served, _, pred = asyncio.run(versions.apredict(parse, run))
     versions.close()
