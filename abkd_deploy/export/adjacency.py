@@ -57,8 +57,8 @@ class ExportContext:
             computing them per request (:mod:`abkd_deploy.export.precompute`), where the
             architecture allows it; ``"all"``: store every node's outputs (a lookup).
         states: ``embedded`` ``gcn``/``sage``: the layer states ``H^1..H^{L-1}`` over
-            ``tables`` when the caller already has them (an incremental refresh); computed
-            once, on first use, otherwise (:meth:`layer_states`).
+            ``tables``, computed once on first use (:meth:`layer_states`) and shared by the
+            precomputed main graph and the new-node graph.
     """
 
     student: GNN

@@ -18,7 +18,6 @@ their registry entries (:class:`~abkd_deploy.export.adjacency.AdjacencyFormat`,
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,12 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.export.adjacency import ADJACENCY, AdjacencyFormat, ExportContext, ExportSpec
-from abkd_deploy.export.formats import DTYPES, ArtifactFormat, runner_threads
+from abkd_deploy.export.formats import DTYPES, ArtifactFormat, cast_module, runner_threads
 from abkd_deploy.export.manifest import provenance_from_run
 from abkd_deploy.export.new_node_artifact import wants_new_nodes, write_new_nodes
 from abkd_deploy.export.options import (
@@ -321,13 +317,6 @@ def _write_manifest(
     manifest["files"] = file_entries(tmp, names)
     manifest["timings"]["total_s"] = round(clock.total(), 3)
     write_json(tmp / MANIFEST_NAME, manifest)
-
-
-def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``module`` itself for float32, else a copy with float params/buffers in ``dtype``."""
-    if dtype == torch.float32:
-        return module
-    return copy.deepcopy(module).to(dtype)
 
 
 def _logger(progress: bool) -> Callable[[str], None]:

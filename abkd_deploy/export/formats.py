@@ -9,6 +9,7 @@ Formats register themselves in :data:`FORMATS` (one module each).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -32,6 +33,13 @@ if TYPE_CHECKING:
 Runner = Callable[[Sequence[Tensor]], list[np.ndarray]]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+
+
+def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` itself for float32, else a copy with float params/buffers in ``dtype``."""
+    if dtype == torch.float32:
+        return module
+    return copy.deepcopy(module).to(dtype)
 
 
 @contextlib.contextmanager

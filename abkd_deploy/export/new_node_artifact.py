@@ -20,7 +20,7 @@ from torch import nn
 
 from abkd_deploy.errors import ValuesMismatch
 from abkd_deploy.export.adjacency import ExportContext, ExportSpec
-from abkd_deploy.export.formats import DTYPES, get_format, runner_threads
+from abkd_deploy.export.formats import DTYPES, cast_module, get_format, runner_threads
 from abkd_deploy.export.new_nodes import (
     NEW_NODES_FILE,
     PAD,
@@ -93,7 +93,7 @@ def write_new_nodes(
     width = int(spec.inputs[1]["shape"][1])
     reference = main.module if main.reference is None else main.reference
     consistency = check_consistency(ctx, module, reference, width, atol)
-    art = module if dtype == "float32" else _cast(module, DTYPES[dtype])
+    art = cast_module(module, DTYPES[dtype])
     paths = fmt.export(art, spec, tmp / NEW_NODES_FILE, opset)
     runner = fmt.load(paths[0], DTYPES[dtype], runner_threads())
     diffs = validate_artifact(
@@ -124,9 +124,3 @@ def write_new_nodes(
         "export_s": round(time.perf_counter() - t0, 3),
     }
     return entry, [p.name for p in paths]
-
-
-def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module).to(dtype)

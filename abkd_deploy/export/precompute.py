@@ -60,8 +60,6 @@ def layer_states(
     student: LayerStack,
     x: Tensor,
     tables: Sequence[FanoutTable],
-    rows: Sequence[Tensor | None] | None = None,
-    previous: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Outputs ``H^1..H^{L-1}`` of layers ``1..L-1`` (after the activation) for every node.
 
@@ -74,10 +72,6 @@ def layer_states(
         student: Trained student in eval mode.
         x: [N, F] node features.
         tables: Fanout tables, layer 1 first (``L`` of them; the last is not used here).
-        rows: Incremental mode (with ``previous``): per layer ``l``, the [R_l] node ids
-            whose ``H^l`` must be recomputed (``None``: all of them); every other row is
-            taken from ``previous[l - 1]``.
-        previous: The ``L - 1`` states of an earlier graph (rows kept as they are).
 
     Returns:
         ``L - 1`` tensors, ``H^l`` [N, hidden] each; the last is the input of the last layer.
@@ -90,32 +84,21 @@ def layer_states(
         layer = folded.model.layers[0]
         w, sw = table.weights(student.norm)
         n, k = table.nbr.shape
-        wanted = None if rows is None else rows[index]
-        targets = torch.arange(n) if wanted is None else wanted.to(torch.int64)
         step = max(1, CHUNK_ELEMENTS // (k * folded.features.size(1)))
         parts = []
-        for i in range(0, targets.numel(), step):
-            ids = targets[i : i + step]
+        for i in range(0, n, step):
+            rows = torch.arange(i, min(n, i + step))
             op = TableBlock(
-                table.nbr[ids], w[ids], None if sw is None else sw[ids], ids, folded.dst_features
+                table.nbr[rows],
+                w[rows],
+                None if sw is None else sw[rows],
+                rows,
+                folded.dst_features,
             )
             parts.append(act(layer(folded.features, op)))
-        if wanted is None or previous is None:
-            h = torch.cat(parts) if parts else folded.features.new_zeros((0, student.hidden))
-        else:
-            h = _with_rows(previous[index], n, targets, parts)
-        states.append(h.contiguous())
+        h = torch.cat(parts).contiguous()
+        states.append(h)
     return states
-
-
-def _with_rows(old: Tensor, n: int, ids: Tensor, parts: list[Tensor]) -> Tensor:
-    """``old`` grown to ``n`` rows (new rows zero) with rows ``ids`` replaced by ``parts``."""
-    h = torch.zeros((n, old.size(1)), dtype=old.dtype)
-    keep = min(n, old.size(0))
-    h[:keep] = old[:keep]
-    if parts:
-        h[ids] = torch.cat(parts)
-    return h
 
 
 def hidden_table(student: LayerStack, x: Tensor, tables: Sequence[FanoutTable]) -> Tensor:
@@ -156,8 +139,8 @@ def precompute_student(
 ) -> PrecomputedStudent:
     """Builds the precomputed ``embedded`` module (see the module docstring).
 
-    ``hidden``: the [N, hidden] ``H^{L-1}`` table when the caller already has it (an
-    incremental refresh); computed here otherwise.
+    ``hidden``: the [N, hidden] ``H^{L-1}`` table when the caller already has it
+    (:meth:`~.adjacency.ExportContext.layer_states`); computed here otherwise.
 
     Raises:
         ValueError: ``student`` is not supported (check :func:`can_precompute` first).

@@ -193,14 +193,16 @@ class NewNodeModel:
             raise ArtifactError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
         self.session = info.session
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        if sorted(inputs) != sorted(NODE_FIELDS) or inputs["neighbors"][-1] != k:
+        shapes_ok = sorted(inputs) == sorted(NODE_FIELDS) and (
+            inputs["features"][-1] == width and inputs["neighbors"][-1] == k
+        )
+        if not shapes_ok:
             raise ArtifactError(
                 f"{path.name} has inputs {inputs}; the manifest says features [nodes, "
                 f"{width}] and neighbors [nodes, {k}]"
             )
         self.limits = NewNodeLimits(width, k, int(num_nodes))
         self._dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
-        self._outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, nodes: NewNodes, names: list[str]) -> list[np.ndarray]:
         """The outputs ``names`` (``logits``, ``embedding``) for checked ``nodes``."""

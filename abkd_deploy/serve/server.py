@@ -234,16 +234,15 @@ def create_app(
     async def run_request(served: ServedModel, req: PredictRequest) -> Prediction:
         if req.nodes is None:
             return await run_ids(served.batcher, req)
-        # new nodes: their own small graph, off the event loop; ids still go through the
-        # batcher, and the answers come back ids first
-        model, parts = served.predictor, []
+        # new nodes: their own small graph, off the event loop, while the ids go through
+        # the batcher; the answers come back ids first
+        parts = []
         if req.ids.size:
-            parts.append(await run_ids(served.batcher, req))
+            parts.append(run_ids(served.batcher, req))
         if len(req.nodes):
-            parts.append(
-                await asyncio.to_thread(model.predict_nodes, req.nodes, req.return_embedding)
-            )
-        return Prediction.concat(parts)
+            predict_nodes = served.predictor.predict_nodes
+            parts.append(asyncio.to_thread(predict_nodes, req.nodes, req.return_embedding))
+        return Prediction.concat(list(await asyncio.gather(*parts)))
 
     def parse_for(served: ServedModel, body: bytes) -> PredictRequest:
         model = served.predictor
