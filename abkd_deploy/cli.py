@@ -11,6 +11,7 @@ import functools
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -547,6 +548,85 @@ def export(
         f"exported {manifest['model']['arch']} student ({adj['format']}, fanouts {fanouts}, "
         f"{manifest['dtype']}, opset {manifest['opset']}) -> {out_dir}: test{on} "
         f"{acc['metric']} PyTorch {acc['pytorch_student']:.4f}, {exported}"
+    )
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--delta",
+    "delta",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Delta .npz: add_edges, remove_edges, new_x, update_ids/update_x (docs/FORMATS.md).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Export directory to create (refused if it exists, unless --force).",
+)
+@click.option(
+    "--repo",
+    "repo_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Instead of --out: publish as the next version of the model directory REPO/<model>.",
+)
+@click.option(
+    "--run",
+    "run_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="The student's run directory (default: the one the export records).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --out written by abkd-deploy.")
+@_friendly
+def refresh(
+    export_dir: str,
+    delta: str,
+    out_dir: str | None,
+    repo_dir: str | None,
+    run_dir: str | None,
+    force: bool,
+) -> None:
+    """Apply a graph delta to EXPORT_DIR, recomputing only the rows it can reach.
+
+    EXPORT_DIR is an embedded gcn/sage ONNX export, or a model directory REPO/<model>
+    (its newest version is refreshed). The result equals a full export on the updated
+    graph and is validated the same way.
+    """
+    from abkd_deploy.errors import ConfigError
+    from abkd_deploy.model_repo import is_model_dir, list_versions
+
+    if (out_dir is None) == (repo_dir is None):
+        raise ConfigError("give exactly one of --out DIR and --repo REPO/<model>")
+    if repo_dir is not None and force:
+        raise ConfigError("--force is for --out; --repo always writes a new version")
+    source = Path(export_dir)
+    if is_model_dir(source):
+        source = source / str(list_versions(source)[-1])
+    from abkd_deploy.export.refresh import refresh as run_refresh
+
+    def write(out: Any) -> dict[str, Any]:
+        return run_refresh(source, delta, out, run_dir=run_dir, force=force, progress=True)
+
+    if repo_dir is None:
+        manifest = write(out_dir)
+    else:
+        from abkd_deploy.model_repo import write_version
+
+        version, path, manifest = write_version(repo_dir, write)
+        out_dir = f"{path} (version {version})"
+    d = manifest["provenance"]["refresh"]["delta"]
+    acc = manifest["accuracy"]
+    click.echo(
+        f"refreshed {source} -> {out_dir}: +{d['new_nodes']} nodes, +{d['added_edges']} / "
+        f"-{d['removed_edges']} edges, {d['updated_features']} feature updates; "
+        f"{manifest['graph']['num_nodes']:,} nodes; test {acc['metric']} "
+        f"{acc['exported']['onnx']:.4f} (max abs diff "
+        f"{max(manifest['validation']['max_abs_diff']['onnx'].values()):.1e})"
     )
 
 

@@ -2,7 +2,8 @@
 
 A fanout table holds, for every node, up to ``K`` in-neighbours (``nbr``: [N, K] int64,
 padded with the node's own id) and ``count`` ([N]) valid slots. Nodes with more than
-``K`` neighbours keep a seeded uniform sample of ``K`` of them (degree-capped sampling);
+``K`` neighbours keep a seeded uniform sample of ``K`` of them (degree-capped sampling,
+deterministic per node: see :func:`sample_fanout_table`);
 with ``K >= max degree`` the table is exact. Weights follow :mod:`abkd_deploy.data.csr`.
 
 Operands (see :mod:`abkd_deploy.data.graph` for the protocol):
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,14 +55,17 @@ class FanoutTable:
         """[N, K] bool, True on valid slots."""
         return torch.arange(self.fanout).unsqueeze(0) < self.count.unsqueeze(1)
 
-    def weights(self, norm: str) -> tuple[Tensor, Tensor | None]:
-        """Per-slot weights [N, K] (0 on padding) and self weights [N] (or ``None``)."""
+    def weights(self, norm: str, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Per-slot weights [N, K] (0 on padding) and self weights [N] (or ``None``);
+        with ``rows`` ([r] int64), those rows only ([r, K] and [r])."""
         check_norm(norm)
-        w = edge_weights(
-            norm, self.degree.unsqueeze(1), self.degree[self.nbr], self.count.unsqueeze(1)
-        )
-        w = w.expand_as(self.nbr) * self.mask
-        return w.contiguous(), self_weights(norm, self.degree)
+        nbr, count, degree = self.nbr, self.count, self.degree
+        if rows is not None:
+            nbr, count, degree = nbr[rows], count[rows], degree[rows]
+        mask = torch.arange(self.fanout).unsqueeze(0) < count.unsqueeze(1)
+        w = edge_weights(norm, degree.unsqueeze(1), self.degree[nbr], count.unsqueeze(1))
+        w = w.expand_as(nbr) * mask
+        return w.contiguous(), self_weights(norm, degree)
 
 
 def parse_fanout(value: int | str, max_degree: int) -> int:
@@ -79,28 +84,65 @@ def parse_fanout(value: int | str, max_degree: int) -> int:
 def sample_fanout_table(csr: CSR, fanout: int, seed: int = 0) -> FanoutTable:
     """Builds a :class:`FanoutTable` by seeded uniform sampling without replacement.
 
-    Vectorised: every edge gets a random key; edges are sorted by (destination, key) and
-    the first ``min(degree, K)`` of each destination are kept. Nodes whose degree is at
-    most ``K`` keep all neighbours in CSR order (so exact tables do not depend on seed).
+    Each node keeps the ``min(degree, K)`` in-neighbours with the smallest keys
+    ``hash(seed, node, neighbour)`` (:func:`sample_rows`), so a node's row depends only on
+    the seed, its id and its own neighbour set: a change elsewhere in the graph leaves it
+    as it is (what incremental refresh relies on). Nodes whose degree is at most ``K``
+    keep all neighbours in CSR order (so exact tables do not depend on seed). Vectorised.
 
     Args:
         csr: In-neighbour lists.
         fanout: ``K`` >= 1.
         seed: Sampling seed.
     """
-    n, k = csr.num_nodes, int(fanout)
-    deg = csr.degree
-    gen = torch.Generator().manual_seed(int(seed))
-    dst = csr.dst_index()
-    key = torch.rand(csr.col.numel(), generator=gen, dtype=torch.float64)
-    key = torch.where(deg[dst] > k, key, torch.zeros_like(key))  # keep order when all fit
-    order = torch.argsort(dst.to(torch.float64) * 2.0 + key, stable=True)
-    col = csr.col[order]
-    rank = torch.arange(col.numel()) - csr.rowptr[dst]
+    nodes = torch.arange(csr.num_nodes)
+    nbr = sample_rows(csr.rowptr, csr.col, nodes, fanout, seed)
+    return FanoutTable(nbr=nbr, count=csr.degree.clamp(max=int(fanout)), degree=csr.degree)
+
+
+def sample_rows(rowptr: Tensor, col: Tensor, nodes: Tensor, fanout: int, seed: int) -> Tensor:
+    """The fanout-table rows of ``nodes`` given their in-neighbour lists.
+
+    Args:
+        rowptr: [n + 1] offsets of the ``n = len(nodes)`` neighbour lists in ``col``.
+        col: [E] neighbour ids, grouped by node and sorted within each group.
+        nodes: [n] global ids of the rows (they key the hash and pad their rows).
+        fanout: ``K`` >= 1.
+        seed: Sampling seed.
+
+    Returns:
+        [n, K] int64 rows: the sampled neighbours first, then the node's own id.
+    """
+    k = int(fanout)
+    deg = rowptr[1:] - rowptr[:-1]
+    local = torch.repeat_interleave(torch.arange(nodes.numel()), deg)
+    key = edge_keys(seed, nodes[local], col)
+    key[(deg <= k)[local].numpy()] = 0  # keep CSR order when every neighbour fits
+    order = np.argsort((local.numpy().astype(np.uint64) << np.uint64(32)) | key, kind="stable")
+    picked = col[torch.from_numpy(order)]
+    rank = torch.arange(col.numel()) - rowptr[local]
     keep = rank < k
-    nbr = torch.arange(n).unsqueeze(1).repeat(1, k)
-    nbr[dst[keep], rank[keep]] = col[keep]
-    return FanoutTable(nbr=nbr, count=deg.clamp(max=k), degree=deg)
+    nbr = nodes.reshape(-1, 1).repeat(1, k)
+    nbr[local[keep], rank[keep]] = picked[keep]
+    return nbr
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def edge_keys(seed: int, dst: Tensor, src: Tensor) -> np.ndarray:
+    """[E] uint64 keys below 2**32, a hash (splitmix64 rounds) of ``(seed, dst, src)``."""
+    base = np.uint64((int(seed) * 0x9E3779B97F4A7C15 + 0xD1B54A32D192ED03) & _MASK64)
+    h = _mix64(dst.numpy().astype(np.uint64) ^ base)
+    h = _mix64(h ^ (src.numpy().astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)))
+    return h >> np.uint64(32)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (wrapping uint64 arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 class _PaddedOperand:
@@ -186,3 +228,34 @@ class TreeBlock(_PaddedOperand):
 
     def dst(self, h: Tensor) -> Tensor:
         return self._view(h)[:, 0]
+
+
+def refresh_table(
+    previous: Tensor, csr: CSR, changed: Tensor, fanout: int, seed: int
+) -> FanoutTable:
+    """The fanout table of an updated graph, re-drawing only the rows that can differ.
+
+    Because a row depends only on the seed, the node and its neighbour set
+    (:func:`sample_fanout_table`), rows of nodes whose in-neighbour list did not change
+    are copied from ``previous``; the others are sampled: the result equals
+    ``sample_fanout_table(csr, fanout, seed)``.
+
+    Args:
+        previous: [N', K] neighbour ids of the table before the update (``N' <= N``).
+        csr: In-neighbour lists after the update (``N`` nodes).
+        changed: [N] bool, nodes whose list changed (every node ``>= N'`` among them).
+        fanout: ``K`` (``previous``'s width).
+        seed: The table's seed.
+    """
+    n, k = csr.num_nodes, int(fanout)
+    nodes = torch.nonzero(changed).flatten()
+    nbr = torch.empty((n, k), dtype=torch.int64)
+    nbr[: previous.size(0)] = previous.to(torch.int64)
+    if nodes.numel():
+        deg = csr.degree[nodes]
+        rowptr = torch.zeros(nodes.numel() + 1, dtype=torch.int64)
+        torch.cumsum(deg, 0, out=rowptr[1:])
+        offset = torch.repeat_interleave(csr.rowptr[nodes] - rowptr[:-1], deg)
+        col = csr.col[torch.arange(int(rowptr[-1])) + offset]
+        nbr[nodes] = sample_rows(rowptr, col, nodes, k, seed)
+    return FanoutTable(nbr=nbr, count=csr.degree.clamp(max=k), degree=csr.degree)

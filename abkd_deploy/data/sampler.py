@@ -56,19 +56,40 @@ class NeighborSampler:
         self._loc = torch.full((csr.num_nodes,), -1, dtype=torch.long)
         self.resample(0)
 
+    def layer_seed(self, layer: int, epoch: int = 0) -> int:
+        """Seed of layer ``layer``'s table (0-based) in epoch ``epoch``."""
+        return int(self.seed) + 7919 * int(epoch) + int(layer)
+
     def resample(self, epoch: int) -> None:
         """Re-draws the per-layer fanout tables (deterministic in ``seed + epoch``)."""
         self.tables: list[FanoutTable] = [
-            sample_fanout_table(self.csr, k, seed=self.seed + 7919 * epoch + layer)
+            sample_fanout_table(self.csr, k, seed=self.layer_seed(layer, epoch))
             for layer, k in enumerate(self.fanouts)
         ]
-        self._weights = [t.weights(self.norm) for t in self.tables]
+        self._weights: list[tuple[Tensor, Tensor | None]] | None = [
+            t.weights(self.norm) for t in self.tables
+        ]
+
+    @classmethod
+    def from_tables(
+        cls, csr: CSR, tables: Sequence[FanoutTable], norm: str, seed: int = 0
+    ) -> NeighborSampler:
+        """A sampler over tables drawn elsewhere (``refresh`` re-draws only some rows)."""
+        sampler = cls.__new__(cls)
+        sampler.csr, sampler.norm, sampler.seed = csr, norm, seed
+        sampler.fanouts = [t.fanout for t in tables]
+        sampler._loc = torch.full((csr.num_nodes,), -1, dtype=torch.long)
+        sampler.tables = list(tables)
+        sampler._weights = None  # computed by the first sample()
+        return sampler
 
     def sample(self, targets: Tensor) -> SampledBatch:
         """Blocks for ``targets`` ([B] unique global ids)."""
         nodes = targets.to(torch.long)
         blocks: list[EllBlock] = []
         loc = self._loc
+        if self._weights is None:
+            self._weights = [t.weights(self.norm) for t in self.tables]
         for layer in reversed(range(len(self.fanouts))):
             nb = self.tables[layer].nbr[nodes]  # [n, K] global
             loc[nodes] = torch.arange(nodes.numel())

@@ -28,6 +28,7 @@ from typing import Any
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.export.adjacency import ADJACENCY, AdjacencyFormat, ExportContext, ExportSpec
 from abkd_deploy.export.formats import DTYPES, ArtifactFormat, cast_module, runner_threads
+from abkd_deploy.export.live_graph import write_live_graph
 from abkd_deploy.export.manifest import provenance_from_run
 from abkd_deploy.export.new_node_artifact import wants_new_nodes, write_new_nodes
 from abkd_deploy.export.options import (
@@ -159,9 +160,14 @@ def export(
             new_nodes, extra_files = write_new_nodes(
                 ctx, spec, tmp, target.opset, target.dtype, target.atol, log
             )
+            main = cast_module(spec.module, DTYPES[target.dtype])
+            model = tmp / results["onnx"].artifact
+            live_graph, graph_files = write_live_graph(ctx, tmp, model, main)
+            extra_files += graph_files
         manifest = _manifest(adj, spec, ctx, target, ref, results, provenance)
         if new_nodes is not None:
             manifest["new_nodes"] = new_nodes
+            manifest["live_graph"] = live_graph
         _write_manifest(tmp, manifest, fmts, results, clock, extra_files)
     log(
         f"export: wrote {out_dir} ({', '.join(manifest['files'])}) in "

@@ -14,7 +14,7 @@ from typing import Any
 
 from abkd_deploy import manifest as schema
 from abkd_deploy.errors import ExportError
-from abkd_deploy.files import read_json
+from abkd_deploy.files import read_json, sha256_file
 from abkd_deploy.manifest import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
@@ -76,6 +76,7 @@ def provenance_from_run(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "dataset": meta.get("dataset"),
         "method": method,
         "run_dir": str(run_dir.resolve()),
+        "student_sha256": _student_hash(run_dir),
         "teacher_test_acc": _dig(metrics, "teacher", "test_acc"),
         "student_test_acc": _dig(metrics, "student", "test_acc"),
         "teacher_params": _dig(metrics, "teacher", "params"),
@@ -83,6 +84,12 @@ def provenance_from_run(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "compression_ratio": _dig(metrics, "compression_ratio"),
         "metric": _dig(metrics, "metric"),
     }
+
+
+def _student_hash(run_dir: Path) -> str | None:
+    """SHA-256 of the exported checkpoint (``refresh`` checks it is the same student)."""
+    path = run_dir / "student.safetensors"
+    return sha256_file(path) if path.is_file() else None
 
 
 def _dig(obj: dict[str, Any], *keys: str) -> Any:

@@ -30,6 +30,7 @@ from abkd_deploy.export.new_nodes import (
     new_node_spec,
     refuse_new_nodes,
 )
+from abkd_deploy.export.onnx_tables import table_names
 from abkd_deploy.export.validate import validate_artifact
 
 #: Stored nodes compared in :func:`check_consistency` (at most).
@@ -121,6 +122,7 @@ def write_new_nodes(
         "fanouts": list(ctx.fanouts),
         "max_abs_diff": diffs,
         "stored_answers_max_abs_diff": consistency,
+        "tables": table_names(paths[0], art, ctx.data.num_nodes),
         "export_s": round(time.perf_counter() - t0, 3),
     }
     return entry, [p.name for p in paths]

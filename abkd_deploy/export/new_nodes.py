@@ -162,7 +162,10 @@ def random_new_nodes(
     counts[0] = 0
     if n > 1:
         counts[1] = width
-    ids = torch.stack([torch.randperm(num, generator=gen)[:width] for _ in range(n)])
+    if n * width <= num:  # distinct ids within each node (one permutation for all)
+        ids = torch.randperm(num, generator=gen)[: n * width].reshape(n, width)
+    else:
+        ids = torch.stack([torch.randperm(num, generator=gen)[:width] for _ in range(n)])
     slots = torch.arange(width).unsqueeze(0)
     nbr = torch.where(slots < counts.unsqueeze(1), ids, torch.full_like(ids, PAD))
     return x.contiguous(), nbr.contiguous()

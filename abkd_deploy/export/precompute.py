@@ -60,6 +60,8 @@ def layer_states(
     student: LayerStack,
     x: Tensor,
     tables: Sequence[FanoutTable],
+    rows: Sequence[Tensor] | None = None,
+    previous: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Outputs ``H^1..H^{L-1}`` of layers ``1..L-1`` (after the activation) for every node.
 
@@ -68,35 +70,47 @@ def layer_states(
     layer's per-node linear map is applied once to all rows (folded, as in the
     artifact); only the gathering is chunked.
 
+    Incremental mode (``refresh``): with ``rows`` and ``previous``, only the rows
+    ``rows[l]`` of ``H^{l+1}`` are computed; the others are copied from ``previous[l]``
+    (which may have fewer rows than ``x``: the nodes added since must be in ``rows``).
+
     Args:
         student: Trained student in eval mode.
         x: [N, F] node features.
         tables: Fanout tables, layer 1 first (``L`` of them; the last is not used here).
+        rows: Per hidden layer, [r_l] int64 ids of the rows to compute.
+        previous: Per hidden layer, [N', hidden] states to copy the other rows from.
 
     Returns:
         ``L - 1`` tensors, ``H^l`` [N, hidden] each; the last is the input of the last layer.
     """
+    if (rows is None) != (previous is None):
+        raise ValueError("layer_states: give rows and previous together")
     act = getattr(F, student.activation)
+    n = x.size(0)
     h, states = x, []
     for index, table in enumerate(tables[:-1]):
         folded = fold_input_transform(single_layer(student, index, h.size(1)), h)
         assert folded is not None  # every PRECOMPUTE_ARCHS arch has a folder
         layer = folded.model.layers[0]
         w, sw = table.weights(student.norm)
-        n, k = table.nbr.shape
-        step = max(1, CHUNK_ELEMENTS // (k * folded.features.size(1)))
+        todo = torch.arange(n) if rows is None else rows[index]
+        step = max(1, CHUNK_ELEMENTS // (table.fanout * folded.features.size(1)))
         parts = []
-        for i in range(0, n, step):
-            rows = torch.arange(i, min(n, i + step))
+        for i in range(0, todo.numel(), step):
+            ids = todo[i : i + step]
             op = TableBlock(
-                table.nbr[rows],
-                w[rows],
-                None if sw is None else sw[rows],
-                rows,
-                folded.dst_features,
+                table.nbr[ids], w[ids], None if sw is None else sw[ids], ids, folded.dst_features
             )
             parts.append(act(layer(folded.features, op)))
-        h = torch.cat(parts).contiguous()
+        if rows is None:
+            h = torch.cat(parts).contiguous()
+        else:
+            old = previous[index]  # type: ignore[index]
+            h = torch.empty((n, old.size(1)), dtype=old.dtype)
+            h[: old.size(0)] = old[:n]
+            if parts:
+                h[todo] = torch.cat(parts).to(h.dtype)
         states.append(h)
     return states
 

@@ -116,3 +116,24 @@ def test_full_graph_gradient_matches_dense(graph, norm):
     w = torch.randn(csr.num_nodes, 5)
     (g.neighbors(h) * w).sum().backward()
     assert torch.allclose(h.grad, dense.t() @ w, atol=1e-5)
+
+
+def test_rows_depend_only_on_the_node_and_its_neighbours(graph):
+    """Per-node sampling: dropping edges into some nodes leaves every other row as it was,
+    and re-drawing only the changed rows (refresh_table) gives the full re-draw."""
+    from abkd_deploy.data.ell import refresh_table
+
+    data, csr = graph
+    k = max(1, csr.max_degree // 2)
+    before = sample_fanout_table(csr, k, seed=3)
+    ei = data.edge_index
+    drop = (ei[1] < 40) & (ei[0] % 2 == 0)
+    after_csr = CSR.from_edge_index(ei[:, ~drop], data.num_nodes)
+    after = sample_fanout_table(after_csr, k, seed=3)
+    changed = torch.zeros(data.num_nodes, dtype=torch.bool)
+    changed[ei[1][drop]] = True
+    assert torch.equal(after.nbr[~changed], before.nbr[~changed])
+    assert not torch.equal(after.nbr[changed], before.nbr[changed])
+    again = refresh_table(before.nbr, after_csr, changed, k, seed=3)
+    assert torch.equal(again.nbr, after.nbr) and torch.equal(again.count, after.count)
+    assert not torch.equal(sample_fanout_table(csr, k, seed=4).nbr, before.nbr)

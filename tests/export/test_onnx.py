@@ -104,7 +104,13 @@ def test_manifest_fields_hashes_and_metadata(gcn_embedded):
         "torchscript": "model.pt",
         "pt2": "model.pt2",
     }
-    assert set(manifest["files"]) == {"model.onnx", "model.pt", "model.pt2", "new_nodes.onnx"}
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "model.pt",
+        "model.pt2",
+        "new_nodes.onnx",
+        "graph.npz",
+    }
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(out / name)
         assert entry["bytes"] == (out / name).stat().st_size
@@ -146,7 +152,7 @@ def test_large_initializers_go_to_external_data(gcn_run, tmp_path, monkeypatch):
     out = tmp_path / "ext"
     manifest = export(gcn_run, out, progress=False)
     main = {"model.onnx", "model.onnx.data"}
-    assert set(manifest["files"]) == main | {"new_nodes.onnx", "new_nodes.onnx.data"}
+    assert set(manifest["files"]) == main | {"new_nodes.onnx", "new_nodes.onnx.data", "graph.npz"}
     assert (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)

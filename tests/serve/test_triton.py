@@ -204,6 +204,7 @@ def test_external_data_export(external_export: Path, tmp_path: Path) -> None:
     model = tr.write_triton_repo(external_export, tmp_path / "repo", name="sage")
     version = model.path / "1"
     assert sorted(p.name for p in version.iterdir()) == [
+        "graph.npz",  # what `refresh` reads; copied with the manifest's files too
         "manifest.json",
         "model.onnx",
         "model.onnx.data",

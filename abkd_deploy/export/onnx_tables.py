@@ -1,0 +1,151 @@
+"""Reading and replacing the per-node tables of a written ONNX graph (``refresh``).
+
+An ``embedded`` graph's per-node tables (features, fanout tables, precomputed states)
+are initializers named after the export-form module's buffers (``hidden``,
+``last.nbr_1``, ``state_0``, ...). A refresh changes their values and their row count,
+never the graph: so it rewrites the initializers of the parent's file instead of tracing
+the model again. The exporter may rename a buffer it rewrites (``last.features`` can
+become ``clone``), so the export records which initializer holds which buffer, found by
+content (:func:`table_names`). Every initializer with the parent's row count must be
+replaced, or the file is refused (a table the refresh does not know would keep stale rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from torch import nn
+
+from abkd_deploy.errors import ExportError
+from abkd_deploy.export.onnx_format import EXTERNAL_DATA_BYTES
+
+
+def read_initializers(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The initializers ``names`` of the ONNX file ``path`` (external data resolved).
+
+    Raises:
+        ExportError: the file cannot be read or lacks one of the names.
+    """
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError ...
+        raise ExportError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    found = {t.name: t for t in model.graph.initializer if t.name in set(names)}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ExportError(f"{path.name} has no initializer {missing[0]!r}; re-export it")
+    return {n: numpy_helper.to_array(found[n]) for n in names}
+
+
+def table_names(path: Path, module: nn.Module, num_rows: int) -> dict[str, str]:
+    """``{initializer name: buffer name}`` for the per-node tables of an exported file.
+
+    An initializer with ``num_rows`` rows is matched to the buffer of ``module`` (the module
+    the file was exported from) with the same dtype, shape and values; one without a match
+    is left out (a refresh then refuses the file).
+    """
+    model = onnx.load(str(path))
+    buffers = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    names = {}
+    for init in model.graph.initializer:
+        if not init.dims or init.dims[0] != num_rows:
+            continue
+        arr = numpy_helper.to_array(init)
+        if init.name in buffers and _same(buffers[init.name], arr):
+            names[init.name] = init.name
+            continue
+        match = next((k for k, v in buffers.items() if _same(v, arr)), None)
+        if match is not None:
+            names[init.name] = match
+    return names
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """What :func:`rewrite_initializers` wrote: its files and the graph's output names."""
+
+    files: list[Path]
+    output_names: list[str]
+
+
+def rewrite_initializers(
+    src: Path,
+    dst: Path,
+    values: Mapping[str, np.ndarray],
+    names: Mapping[str, str],
+    old_rows: int,
+) -> Rewritten:
+    """Writes ``src`` to ``dst`` with the initializers named in ``values`` replaced.
+
+    Args:
+        src: The parent's ONNX file.
+        dst: Where to write (its external data, if any, goes to ``dst.name + ".data"``).
+        values: New values by buffer name. Each must keep its initializer's dtype and
+            every dimension but the first.
+        names: ``{initializer name: buffer name}`` of the tables (:func:`table_names`).
+        old_rows: The parent's node count: every initializer with that many rows must be
+            in ``values``.
+
+    Returns:
+        The files written (``dst`` and possibly its ``.data``) and the output names.
+
+    Raises:
+        ExportError: a dtype or trailing shape differs, or a node table is not replaced.
+    """
+    model = onnx.load(str(src))
+    total = 0
+    for init in model.graph.initializer:
+        dims = list(init.dims)
+        if init.name in names:
+            arr = np.ascontiguousarray(values[names[init.name]])
+            want = helper.tensor_dtype_to_np_dtype(init.data_type)
+            if arr.dtype != want or list(arr.shape[1:]) != dims[1:] or arr.ndim != len(dims):
+                raise ExportError(
+                    f"{src.name}: initializer {init.name!r} is {want}{dims}, the refreshed "
+                    f"table is {arr.dtype}{list(arr.shape)}; re-export instead of refreshing"
+                )
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        elif dims and dims[0] == old_rows:
+            raise ExportError(
+                f"{src.name}: initializer {init.name!r} {dims} looks like a per-node table "
+                "this refresh does not rebuild; re-export instead of refreshing"
+            )
+        total += int(np.prod(init.dims, dtype=np.int64)) * _itemsize(init.data_type)
+    _drop_stale_shapes(model.graph, old_rows)
+    external = total > EXTERNAL_DATA_BYTES
+    data = dst.with_name(dst.name + ".data")
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    outputs = [o.name for o in model.graph.output]
+    return Rewritten([dst, data] if external else [dst], outputs)
+
+
+def _drop_stale_shapes(graph: onnx.GraphProto, old_rows: int) -> None:
+    """Removes the shape annotations (``value_info``) that name the parent's row count:
+    they are optional, and stale once the tables grew."""
+    keep = [
+        vi
+        for vi in graph.value_info
+        if not any(d.dim_value == old_rows for d in vi.type.tensor_type.shape.dim)
+    ]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+
+
+def _itemsize(data_type: int) -> int:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
