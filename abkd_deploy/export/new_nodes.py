@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from abkd_deploy.data.csr import edge_weights, self_weights
-from abkd_deploy.data.ell import EllBlock
+from abkd_deploy.data.ell import TreeBlock
 from abkd_deploy.export.adjacency import ExportContext, ExportSpec, spec
 from abkd_deploy.models.base import GNN, LayerStack
 
@@ -111,10 +111,15 @@ class NewNodeStudent(nn.Module):
             count = mask.sum(1, keepdim=True)
             w = edge_weights(self.norm, in_degree, self.degree[nbr], count) * mask
             sw = self_weights(self.norm, in_degree.squeeze(1))
-            rows = state.index_select(0, nbr.reshape(-1))  # [M * k, F_l]
-            src = torch.cat([h, rows.to(h.dtype)], 0)
-            local = torch.arange(m * nbr.size(1), device=nbr.device).reshape(nbr.shape) + m
-            op = EllBlock(local, w.to(h.dtype), None if sw is None else sw.to(h.dtype))
+            rows = state.index_select(0, nbr.reshape(-1)).reshape(m, k, -1).to(h.dtype)
+            # gcn/sage aggregate linearly: sum the weighted neighbour rows first, then let
+            # the layer see one pre-summed slot of weight 1 (its per-row maps then run on
+            # 2 rows per node instead of 1 + k)
+            summed = (w.to(h.dtype).unsqueeze(2) * rows).sum(1, keepdim=True)  # [M, 1, F_l]
+            src = torch.cat([h.unsqueeze(1), summed], 1).reshape(2 * m, -1)  # tree rows
+            op = TreeBlock(
+                torch.ones_like(w[:, :1], dtype=h.dtype), None if sw is None else sw.to(h.dtype)
+            )
             out = layer(src, op)
             if index < self.student.num_layers - 1:
                 embedding = h = act(out)

@@ -102,3 +102,38 @@ def test_http_mixed_request_and_422(predictor) -> None:
         assert got == 422 and payload["error"]["code"] == "invalid_nodes"
         assert client.predict([0])[0] == 200
         client.close()
+
+
+def test_whole_batch_check_equals_the_node_by_node_walk() -> None:
+    """The numpy fast path of as_new_nodes gives what the per-node walk gives, and leaves
+    every malformed batch to the walk (which names the problem)."""
+    from abkd_deploy.serve.new_nodes import NewNodeLimits, _checked_at_once, as_new_nodes
+
+    rng = np.random.default_rng(3)
+    limits = NewNodeLimits(feature_width=4, max_neighbors=3, num_nodes=50)
+    nodes = [
+        {
+            "features": rng.normal(size=4).tolist(),
+            "neighbors": rng.choice(50, int(rng.integers(0, 4)), replace=False).tolist(),
+        }
+        for _ in range(20)
+    ]
+    fast = _checked_at_once(nodes, limits)
+    assert fast is not None
+    walked = as_new_nodes([{**n, "features": tuple(n["features"])} for n in nodes], limits)
+    np.testing.assert_array_equal(fast.features, walked.features)
+    np.testing.assert_array_equal(fast.neighbors, walked.neighbors)
+    bad = [
+        {"features": [1.0, 2.0, True, 3.0], "neighbors": []},
+        {"features": [1.0, 2.0, float("nan"), 3.0], "neighbors": []},
+        {"features": [1.0, 2.0, 3.0], "neighbors": []},
+        {"features": [1.0, 2.0, 3.0, 4.0], "neighbors": [1, 1]},
+        {"features": [1.0, 2.0, 3.0, 4.0], "neighbors": [50]},
+        {"features": [1.0, 2.0, 3.0, 4.0], "neighbors": [1, 2, 3, 4]},
+        {"features": [1.0, 2.0, 3.0, 4.0], "neighbors": [2**70]},
+        {"features": [1.0, 2.0, 3.0, 4.0], "neighbors": [], "x": 1},
+    ]
+    for node in bad:
+        assert _checked_at_once([nodes[0], node], limits) is None
+        with pytest.raises(InvalidNewNodes, match=r"nodes\[1\]"):
+            as_new_nodes([nodes[0], node], limits)
