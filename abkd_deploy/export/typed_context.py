@@ -30,7 +30,7 @@ from abkd_deploy.models.typed import TypedGNN, parameter_counts
 from abkd_deploy.scoring import score
 
 #: Adjacency formats a typed student can be exported with.
-TYPED_ADJACENCY = ("embedded",)
+TYPED_ADJACENCY = ("embedded", "ell")
 #: Schema keys a student and the graph it is exported with must agree on.
 SCHEMA_KEYS = ("node_types", "relations", "target", "num_nodes", "num_features")
 

@@ -138,10 +138,40 @@ def test_precompute_all_is_a_lookup(rgcn_run, typed_data, tmp_path):
     assert np.abs(_onnx_outputs(tmp_path / "all", ids)[0] - logits).max() <= EXACT
 
 
-def test_typed_students_refuse_other_adjacency(rgcn_run, tmp_path):
-    with pytest.raises(ConfigError, match="typed students export with --adjacency embedded"):
-        _export(rgcn_run, tmp_path / "ell", adjacency="ell")
-    assert not (tmp_path / "ell").exists()
+@pytest.mark.parametrize("arch", ["rgcn", "rsage"])
+def test_ell_export_is_exact_on_the_full_graph(arch, typed_data, tmp_path, request):
+    run = request.getfixturevalue(f"{arch}_run")
+    manifest = _export(run, tmp_path / "ell", adjacency="ell")  # default fanout: max
+    model = onnx.load(str(tmp_path / "ell" / "model.onnx"))
+    names = [i.name for i in model.graph.input]
+    assert names == [s["name"] for s in manifest["inputs"]]
+    assert {"x__paper", "ids__author", "nbr__paper__cites__paper__l0"} <= set(names)
+    assert "weight__author__writes__paper__l1" in names
+    assert (
+        manifest["adjacency"]["typed"] is True and manifest["graph"]["schema"]["target"] == "paper"
+    )
+    assert not any(n.op_type.startswith("Scatter") for n in model.graph.node)
+    # the whole graph as one flat typed block: every relation's full table
+    from abkd_deploy.export.adjacency import ADJACENCY
+    from abkd_deploy.export.reference import export_context
+    from abkd_deploy.export.typed_ell import TypedEllStudent, full_inputs
+
+    student = load_model(run, "student")[0].eval()
+    ctx = export_context(ADJACENCY.get("ell"), student, typed_data, "max", 0)
+    flat = full_inputs(ctx, TypedEllStudent(student))
+    feed = {n: t.numpy() for n, t in zip(names, flat, strict=True)}
+    sess = ort.InferenceSession(str(tmp_path / "ell" / "model.onnx"))
+    (got,) = sess.run(["logits"], feed)
+    logits, _ = _full_graph(run, typed_data)
+    assert np.abs(got - logits).max() <= EXACT
+    acc = manifest["accuracy"]
+    assert acc["exported"]["onnx"] == acc["pytorch_student"] == acc["pytorch_student_exact_graph"]
+
+
+def test_typed_students_refuse_coo(rgcn_run, tmp_path):
+    with pytest.raises(ConfigError, match="typed students export with --adjacency embedded or ell"):
+        _export(rgcn_run, tmp_path / "coo", adjacency="coo")
+    assert not (tmp_path / "coo").exists()
 
 
 def test_a_graph_with_another_schema_is_refused(rgcn_run, tmp_path):
