@@ -24,7 +24,7 @@ from abkd_deploy.data.typed_blocks import TypedBlock, relation_csr
 from abkd_deploy.data.typed_graph import Relation, TypedGraph, relation_key
 from abkd_deploy.data.typed_sampler import TypedNeighborSampler
 from abkd_deploy.errors import CheckpointError, ConfigError
-from abkd_deploy.export.adjacency import AdjacencyFormat, ExportContext, batched
+from abkd_deploy.export.adjacency import MAX_TREE_ROWS, AdjacencyFormat, ExportContext, batched
 from abkd_deploy.models.base import GNN
 from abkd_deploy.models.typed import TypedGNN, parameter_counts
 from abkd_deploy.scoring import score
@@ -67,7 +67,7 @@ class TypedExportContext(ExportContext):
     def batch_limit(self, wanted: int) -> int:
         """``wanted`` targets, fewer if their tree (``prod(1 + sum_r K_r)`` rows) is huge."""
         rows = math.prod(1 + sum(ks.values()) for ks in self.relation_fanouts)
-        return max(1, min(wanted, 4_000_000 // rows))
+        return max(1, min(wanted, MAX_TREE_ROWS // rows))
 
     def graph_entry(self) -> dict[str, Any]:
         """The manifest's ``graph``: ids are target-type ids; ``schema`` is the graph's."""
