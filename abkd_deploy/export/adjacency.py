@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -70,6 +70,24 @@ class ExportContext:
     dtype: str = "float32"
     precompute: bool | str = False
     states: list[Tensor] | None = None
+
+    #: A typed student on a typed graph (:class:`.typed_context.TypedExportContext`).
+    typed: ClassVar[bool] = False
+
+    @property
+    def max_degree(self) -> int:
+        """Largest in-degree of the graph (what ``max`` fanouts resolve to)."""
+        return self.csr.max_degree
+
+    def graph_entry(self) -> dict[str, Any]:
+        """The manifest's ``graph`` object."""
+        return {
+            "num_nodes": self.data.num_nodes,
+            "num_edges": int(self.data.edge_index.size(1)),
+            "max_degree": self.csr.max_degree,
+            "num_features": self.data.num_features,
+            "num_classes": int(self.data.num_classes),
+        }
 
     def layer_states(self) -> list[Tensor]:
         """``H^1..H^{L-1}``, [N, hidden] each (:func:`.precompute.layer_states`)."""
@@ -173,7 +191,7 @@ class AdjacencyFormat:
         return {
             "format": self.name,
             "fanouts": None if self.exact_graph else ctx.fanouts,
-            "exact": all(k >= ctx.csr.max_degree for k in ctx.fanouts),
+            "exact": all(k >= ctx.max_degree for k in ctx.fanouts),
             "sampling_seed": None if self.exact_graph else ctx.sampler.seed,
             "norm": ctx.student.norm,
             **spec.params,

@@ -141,7 +141,8 @@ def export(
     clock.lap("tables_s")
     log(
         f"export: {student.arch} student ({count_parameters(student):,} params), "
-        f"{adj.name} adjacency, fanouts {ctx.fanouts}, {data.num_nodes:,} nodes; formats "
+        f"{adj.name} adjacency, fanouts {ctx.fanouts}, {ctx.graph_entry()['num_nodes']:,} "
+        f"{'target ' if ctx.typed else ''}nodes; formats "
         f"{', '.join(f.name for f in fmts)}"
     )
     spec = adj.build(ctx)
@@ -273,13 +274,7 @@ def _manifest(
     return build_manifest(
         adjacency=adj.manifest_entry(ctx, spec),
         model={**student.config, "params": count_parameters(student)},
-        graph={
-            "num_nodes": data.num_nodes,
-            "num_edges": int(data.edge_index.size(1)),
-            "max_degree": ctx.csr.max_degree,
-            "num_features": data.num_features,
-            "num_classes": int(data.num_classes),
-        },
+        graph=ctx.graph_entry(),
         opset=target.opset,
         dtype=target.dtype,
         inputs=spec.inputs,

@@ -57,6 +57,10 @@ def _ell_random_inputs(
 
 def build_ell(ctx: ExportContext) -> ExportSpec:
     """``ell``: x and per-layer padded tables in, logits out."""
+    if ctx.typed:  # typed students: flat inputs per node type and relation
+        from abkd_deploy.export.typed_ell import build_typed_ell
+
+        return build_typed_ell(ctx)
     student, num_layers = ctx.student, ctx.student.num_layers
     with_self = student.norm == "gcn"
     names, inputs, shapes = ["x"], [spec("x", ctx.dtype, ["n0", student.in_channels])], []

@@ -35,6 +35,10 @@ from abkd_deploy.export.precompute import (
 
 def build_embedded(ctx: ExportContext) -> ExportSpec:
     """``embedded``: node ids in, (logits, embedding) out; features and tables baked in."""
+    if ctx.typed:  # typed students: per-type and per-relation tables
+        from abkd_deploy.export.typed_embedded import build_typed_embedded
+
+        return build_typed_embedded(ctx)
     student, n_nodes = ctx.student, ctx.data.num_nodes
     index_dtype = torch.int32 if n_nodes < 2**31 - 1 else torch.int64
     folded = fold_input_transform(student, ctx.data.x)

@@ -18,8 +18,11 @@ from abkd_deploy.data import load_dataset
 from abkd_deploy.data.csr import CSR
 from abkd_deploy.data.graph import FullGraph
 from abkd_deploy.data.sampler import NeighborSampler
+from abkd_deploy.data.typed_graph import is_typed
+from abkd_deploy.distill.graphs import check_arch_for_data
 from abkd_deploy.errors import CheckpointError
 from abkd_deploy.export.adjacency import AdjacencyFormat, ExportContext, batched
+from abkd_deploy.export.typed_context import check_typed_run, typed_export_context, typed_scores
 from abkd_deploy.models.base import GNN
 from abkd_deploy.scoring import score
 
@@ -36,6 +39,10 @@ def load_run_dataset(run_dir: Path, meta: dict[str, Any], student: GNN) -> Data:
             "{'name', 'root', 'split'}"
         )
     data = load_dataset(ref["name"], ref.get("root"), ref.get("split"))
+    if is_typed(data) or getattr(student, "typed", False):
+        check_arch_for_data(student.arch, data, ref["name"], "student")
+        check_typed_run(student, data, ref["name"])
+        return data
     if data.num_features != student.in_channels or int(data.num_classes) != student.out_channels:
         raise CheckpointError(
             f"the student expects {student.in_channels} features / {student.out_channels} "
@@ -67,6 +74,9 @@ def export_context(
     Raises:
         ConfigError: a bad fanout value or count.
     """
+    if is_typed(data):
+        ids = eval_ids(data, seed)
+        return typed_export_context(adjacency, student, data, fanouts, seed, ids, dtype, precompute)
     csr = CSR.from_edge_index(data.edge_index, data.num_nodes)
     ks = adjacency.fanouts(fanouts, student.num_layers, csr.max_degree)
     sampler = NeighborSampler(csr, ks, student.norm, seed=seed)
@@ -91,6 +101,8 @@ class ReferenceScores:
 def reference_scores(ctx: ExportContext, exact_graph: bool) -> ReferenceScores:
     """Scores of the PyTorch student on ``ctx.eval_ids`` (``exact_graph``: the artifact
     sees the whole graph, so the student does too)."""
+    if ctx.typed:
+        return ReferenceScores(*typed_scores(ctx, exact_graph))
     labels = ctx.data.y[ctx.eval_ids].numpy()
     student = score(ctx.data.metric, labels, student_logits(ctx, exact_graph))
     exact = exact_graph_score(ctx.student, ctx.data, ctx.csr, ctx.eval_ids)

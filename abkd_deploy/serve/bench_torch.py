@@ -10,6 +10,8 @@ import torch
 
 from abkd_deploy.data import load_dataset
 from abkd_deploy.data.graph import FullGraph
+from abkd_deploy.data.typed_blocks import TypedBlock
+from abkd_deploy.data.typed_graph import is_typed
 from abkd_deploy.devices import resolve_device
 from abkd_deploy.models import load_model
 
@@ -49,9 +51,13 @@ def _teacher(spec: dict[str, Any], device: torch.device):
     teacher, meta = load_model(spec["teacher_dir"], "teacher")
     ds = meta.get("dataset") or spec["dataset"]
     data = load_dataset(ds["name"], ds.get("root"), ds.get("split"))
-    graph = FullGraph.from_edge_index(data.edge_index, data.num_nodes, teacher.norm).to(device)
-    x = data.x.to(device)
     teacher = teacher.to(device).eval()
+    if is_typed(data):  # target-type ids; one sparse operand per relation
+        graph = TypedBlock.full_graph(data, teacher.norm).to(device)
+        x = teacher.inputs(data, device=device)
+    else:
+        graph = FullGraph.from_edge_index(data.edge_index, data.num_nodes, teacher.norm)
+        graph, x = graph.to(device), data.x.to(device)
 
     def answer(ids: torch.Tensor) -> torch.Tensor:  # full-graph forward per request
         return teacher(x, graph)[0].index_select(0, ids)
@@ -76,6 +82,8 @@ def _student_sampled(spec: dict[str, Any], device: torch.device):
     adj = load_manifest(spec["export_dir"])["adjacency"]
     student, meta = load_model(spec["run_dir"], "student")
     data = load_run_dataset(Path(spec["run_dir"]), meta, student)
+    if is_typed(data):
+        return _typed_student_sampled(adj, student, data, device, spec)
     csr = CSR.from_edge_index(data.edge_index, data.num_nodes)
     sampler = NeighborSampler(
         csr, adj["fanouts"], student.norm, seed=int(adj.get("sampling_seed") or 0)
@@ -91,6 +99,32 @@ def _student_sampled(spec: dict[str, Any], device: torch.device):
     size = (Path(spec["run_dir"]) / "student.safetensors").stat().st_size
     return answer, {
         "served_as": "PyTorch eager: trained student on sampled blocks "
+        f"(fanouts {adj['fanouts']}, same tables as the export)",
+        "model_bytes": size,
+    }
+
+
+def _typed_student_sampled(adj: dict[str, Any], student, data, device: torch.device, spec):
+    """``student-torch`` of a typed export: the student on typed blocks sampled from the
+    export's per-relation tables (unique targets per request, answers in request order)."""
+    from abkd_deploy.export.adjacency import ADJACENCY
+    from abkd_deploy.export.typed_context import typed_export_context
+
+    seed = int(adj.get("sampling_seed") or 0)
+    ctx = typed_export_context(
+        ADJACENCY.get(adj["format"]), student, data, adj["fanouts"], seed, torch.zeros(0)
+    )
+    student = student.to(device).eval()
+
+    def answer(ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        batch = ctx.sampler.sample(unique).to(device)
+        out = student(student.inputs(data, batch.n_id, device), batch.blocks)[0]
+        return out.index_select(0, inverse.to(device))
+
+    size = (Path(spec["run_dir"]) / "student.safetensors").stat().st_size
+    return answer, {
+        "served_as": "PyTorch eager: trained typed student on sampled blocks "
         f"(fanouts {adj['fanouts']}, same tables as the export)",
         "model_bytes": size,
     }

@@ -95,3 +95,52 @@ def ell_exports(gcn_run, sage_run, tmp_path_factory) -> dict[str, tuple[Path, di
         path = base / arch
         out[arch] = (path, export(run, path, adjacency="ell", fanouts="max", progress=False))
     return out
+
+
+#: A tiny typed graph (4 node types, 7 relations with the reverse ones, 200 papers).
+TYPED_DATASET = "csbm-mag:num_papers=200,num_features=16,num_classes=4"
+
+
+def make_typed_run(
+    directory: Path, arch: str, dataset: str = TYPED_DATASET, epochs: int = 20
+) -> Path:
+    """Trains a 2-layer typed ``arch`` student (hidden 8, emb_dim 8) full-batch and saves it."""
+    from abkd_deploy.data.typed_blocks import TypedBlock
+
+    data = load_dataset(dataset)
+    torch.manual_seed(0)
+    model = build_model(
+        arch,
+        hidden=8,
+        out_channels=data.num_classes,
+        num_layers=2,
+        dropout=0.0,
+        schema=data.schema(),
+        emb_dim=8,
+    )
+    graph = TypedBlock.full_graph(data, model.norm)
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(epochs):
+        model.train()
+        optim.zero_grad()
+        logits = model(model.inputs(data), graph)[0]
+        F.cross_entropy(logits[data.train_mask], data.y[data.train_mask]).backward()
+        optim.step()
+    extra = {"dataset": {"name": dataset, "root": None, "split": None}}
+    save_model(model.eval(), directory, "student", extra=extra)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def typed_data():
+    return load_dataset(TYPED_DATASET)
+
+
+@pytest.fixture(scope="session")
+def rgcn_run(tmp_path_factory) -> Path:
+    return make_typed_run(tmp_path_factory.mktemp("rgcn_run"), "rgcn")
+
+
+@pytest.fixture(scope="session")
+def rsage_run(tmp_path_factory) -> Path:
+    return make_typed_run(tmp_path_factory.mktemp("rsage_run"), "rsage")
