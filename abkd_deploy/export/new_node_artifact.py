@@ -30,6 +30,7 @@ from abkd_deploy.export.new_nodes import (
     new_node_spec,
     refuse_new_nodes,
 )
+from abkd_deploy.export.quantize import quantize_tables, table_names
 from abkd_deploy.export.validate import validate_artifact
 
 #: Stored nodes compared in :func:`check_consistency` (at most).
@@ -76,8 +77,14 @@ def write_new_nodes(
     dtype: str,
     atol: float,
     log: Callable[[str], None],
+    quantize: str = "none",
+    rtol: float = 0.0,
 ) -> tuple[dict[str, Any], list[str]]:
     """Exports, checks and validates ``new_nodes.onnx`` into the staging folder ``tmp``.
+
+    ``quantize="int8"``: the stored states (``state_l``) become int8 tables with per-row
+    scales, as in the main graph (:func:`~.quantize.quantize_tables`), validated against
+    the float32 module within ``atol + rtol`` x each output's scale.
 
     Returns:
         ``(manifest entry, files written)``.
@@ -94,6 +101,8 @@ def write_new_nodes(
     reference = main.module if main.reference is None else main.reference
     consistency = check_consistency(ctx, module, reference, width, atol)
     art = cast_module(module, DTYPES[dtype])
+    if quantize == "int8":
+        art = quantize_tables(art)
     paths = fmt.export(art, spec, tmp / NEW_NODES_FILE, opset)
     runner = fmt.load(paths[0], DTYPES[dtype], runner_threads())
     diffs = validate_artifact(
@@ -105,6 +114,7 @@ def write_new_nodes(
         atol,
         lambda _msg: None,
         declared=fmt.output_names(paths[0]) if fmt.output_names else None,
+        rtol=rtol,
     )
     size = sum(p.stat().st_size for p in paths)
     log(
@@ -121,6 +131,7 @@ def write_new_nodes(
         "fanouts": list(ctx.fanouts),
         "max_abs_diff": diffs,
         "stored_answers_max_abs_diff": consistency,
+        "int8_tables": table_names(module) if quantize == "int8" else [],
         "export_s": round(time.perf_counter() - t0, 3),
     }
     return entry, [p.name for p in paths]
