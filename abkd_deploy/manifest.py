@@ -64,8 +64,13 @@ def build_manifest(
     provenance: dict[str, Any],
     accuracy: dict[str, Any],
     validation: dict[str, Any],
+    quantize: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assembles a manifest (without ``files``; see :func:`file_entries`)."""
+    """Assembles a manifest (without ``files``; see :func:`file_entries`).
+
+    ``quantize``: how the artifacts were quantized (``{"mode": "none"}`` when omitted;
+    ``abkd_deploy.export.quantize.quantize_entry``).
+    """
     return {
         "format_version": MANIFEST_VERSION,
         "producer": {"name": "abkd-deploy", "version": __version__},
@@ -74,6 +79,7 @@ def build_manifest(
         "graph": graph,
         "opset": opset,
         "dtype": dtype,
+        "quantize": quantize or {"mode": "none"},
         "inputs": inputs,
         "outputs": outputs,
         "artifacts": artifacts,

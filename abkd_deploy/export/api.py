@@ -34,10 +34,12 @@ from abkd_deploy.export.new_node_artifact import wants_new_nodes, write_new_node
 from abkd_deploy.export.options import (
     check_options,
     check_out_dir,
+    check_quantize,
     check_supported,
     resolve_formats,
 )
 from abkd_deploy.export.precompute import precompute_mode
+from abkd_deploy.export.quantize import quantize_entry, quantize_tables
 from abkd_deploy.export.reference import (
     ReferenceScores,
     export_context,
@@ -75,6 +77,7 @@ def export(
     dataset: str | None = None,
     root: str | None = None,
     split: str | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Exports the student of ``run_dir`` into ``out_dir`` (see module docstring).
 
@@ -103,6 +106,11 @@ def export(
             accuracy is then on this snapshot's test split.
         root: The snapshot's folder (with ``dataset``).
         split: The snapshot's split (with ``dataset``).
+        quantize: ``None``/``"none"``, or ``"int8"`` (``embedded``, float32): the per-node
+            tables (also those of ``new_nodes.onnx``) stored as int8 with a float32 scale
+            per row, dequantised after the gather (:mod:`abkd_deploy.export.quantize`);
+            validated with a tolerance relative to each output's scale, the accuracy
+            change vs float32 PyTorch is logged and kept in the manifest.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -123,7 +131,8 @@ def export(
     fmts = resolve_formats(formats)
     adj = ADJACENCY.get(adjacency)
     precompute_mode(precompute, adj.name)  # a bad value or `all` for ell/coo: refused now
-    target = _Target(opset, dtype, check_options(adj, opset, dtype, atol))
+    mode, rtol = check_quantize(quantize, adj.name, dtype)
+    target = _Target(opset, dtype, check_options(adj, opset, dtype, atol), mode, rtol)
     verify_run_dir(run_dir)
     student, meta = load_model(run_dir, "student")
     check_out_dir(out_dir, force, run_dir)
@@ -159,7 +168,15 @@ def export(
         new_nodes, extra_files = None, []
         if wants_new_nodes(ctx, adj.name, [f.name for f in fmts]):
             new_nodes, extra_files = write_new_nodes(
-                ctx, spec, tmp, target.opset, target.dtype, target.atol, log
+                ctx,
+                spec,
+                tmp,
+                target.opset,
+                target.dtype,
+                target.atol,
+                log,
+                target.quantize,
+                target.rtol,
             )
             main = cast_module(spec.module, DTYPES[target.dtype])
             model = tmp / results["onnx"].artifact
@@ -184,6 +201,8 @@ class _Target:
     opset: int
     dtype: str
     atol: float
+    quantize: str = "none"
+    rtol: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +244,8 @@ def _export_one(
     """Writes, checks, validates and scores one artifact format."""
     t0 = time.perf_counter()
     module = cast_module(spec.module, DTYPES[target.dtype])
+    if target.quantize == "int8":
+        module = quantize_tables(module)
     paths = fmt.export(module, spec, tmp / fmt.filename, target.opset)
     t1 = time.perf_counter()
     fmt.check(paths[0], adj)
@@ -240,6 +261,7 @@ def _export_one(
         target.atol,
         log,
         declared=declared,
+        rtol=target.rtol,
     )
     t2 = time.perf_counter()
     acc = score(ctx.data.metric, ref.labels, spec.logits(runner))
@@ -250,7 +272,13 @@ def _export_one(
         f"test {ctx.data.metric} {acc:.4f}"
     )
     gap = abs(acc - ref.student)
-    if gap > SCORE_NOTE_GAP:
+    if target.quantize != "none" or target.dtype != "float32":
+        kind = target.dtype if target.quantize == "none" else target.quantize
+        log(
+            f"  {fmt.name}: {kind} accuracy change vs float32 PyTorch: "
+            f"{acc - ref.student:+.4f} ({ref.student:.4f} -> {acc:.4f})"
+        )
+    elif gap > SCORE_NOTE_GAP:
         log(
             f"  note: {fmt.name} accuracy differs from PyTorch's by {gap:.4f} (argmax "
             "ties / reduced precision); the outputs themselves passed validation"
@@ -272,6 +300,7 @@ def _manifest(
     """The manifest of the validated artifacts (without ``timings`` and ``files``)."""
     student, data = ctx.student, ctx.data
     return build_manifest(
+        quantize=quantize_entry(target.quantize, spec.module),
         adjacency=adj.manifest_entry(ctx, spec),
         model={**student.config, "params": count_parameters(student)},
         graph=ctx.graph_entry(),
@@ -295,6 +324,7 @@ def _manifest(
             "runs_per_input": RUNS,
             "input_sets": [label for label, _ in spec.validation],
             "max_abs_diff": {name: r.max_abs_diff for name, r in results.items()},
+            **({"rtol": target.rtol} if target.rtol else {}),
         },
     )
 

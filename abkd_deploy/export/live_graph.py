@@ -23,7 +23,7 @@ from torch_geometric.utils import is_undirected
 from abkd_deploy.data.csr import CSR
 from abkd_deploy.errors import ExportError
 from abkd_deploy.export.adjacency import ExportContext
-from abkd_deploy.export.onnx_tables import table_names
+from abkd_deploy.export.onnx_tables import initializer_tables
 
 #: File name inside the export directory.
 LIVE_GRAPH_FILE = "graph.npz"
@@ -115,7 +115,7 @@ def write_live_graph(
 
     ``model`` / ``module``: the main ONNX file and the module it was exported from; the
     entry records which of its initializers hold which per-node table
-    (:func:`~.onnx_tables.table_names`).
+    (:func:`~.onnx_tables.initializer_tables`).
     """
     graph = LiveGraph.from_context(ctx)
     graph.save(tmp / LIVE_GRAPH_FILE)
@@ -123,6 +123,6 @@ def write_live_graph(
         "file": LIVE_GRAPH_FILE,
         "undirected": graph.undirected,
         "table_seeds": graph.table_seeds,
-        "tables": table_names(model, module, ctx.data.num_nodes),
+        "tables": initializer_tables(model, module, ctx.data.num_nodes),
     }
     return entry, [LIVE_GRAPH_FILE]

@@ -99,6 +99,10 @@ class TableBlock(EllBlock):
         self_weight: [n] (``gcn``) or ``None``.
         dst_ids: [n] int64 global ids of the destinations.
         dst_table: [N, F'] table read by :meth:`dst` instead of ``h``, or ``None``.
+        src_table: [N, F'] table read instead of ``h`` by :meth:`gather` (and :meth:`dst`
+            without ``dst_table``), or ``None``: an int8
+            :class:`~abkd_deploy.export.quantize.QuantizedTable` that is dequantised
+            only after the gather.
     """
 
     def __init__(
@@ -108,13 +112,17 @@ class TableBlock(EllBlock):
         self_weight: Tensor | None,
         dst_ids: Tensor,
         dst_table: Tensor | None = None,
+        src_table: Tensor | None = None,
     ) -> None:
         super().__init__(nbr, weight, self_weight)
-        self.dst_ids, self.dst_table = dst_ids, dst_table
+        self.dst_ids, self.dst_table, self.src_table = dst_ids, dst_table, src_table
+
+    def gather(self, h: Tensor) -> Tensor:
+        return super().gather(h if self.src_table is None else self.src_table)
 
     def dst(self, h: Tensor) -> Tensor:
-        table = h if self.dst_table is None else self.dst_table
-        return table.index_select(0, self.dst_ids)
+        table = self.dst_table if self.dst_table is not None else self.src_table
+        return (h if table is None else table).index_select(0, self.dst_ids)
 
 
 #: Archs whose (folded) first layer reads its input only through the operand, so layer 1
@@ -213,10 +221,16 @@ class EmbeddedStudent(nn.Module):
             if self.with_self:
                 sw = getattr(self, f"self_weight_{layer}").index_select(0, dst)
             if layer == 1 and self.table_first:
-                blocks.append(TableBlock(nbrs[0], w, sw, dst, self.dst_features))
+                src = None if isinstance(self.features, Tensor) else self.features
+                blocks.append(TableBlock(nbrs[0], w, sw, dst, self.dst_features, src))
             else:
                 blocks.append(TreeBlock(w, sw))
-        x = self.features if self.table_first else self.features.index_select(0, levels[0])
+        if not self.table_first:
+            x = self.features.index_select(0, levels[0])
+        elif isinstance(self.features, Tensor):
+            x = self.features
+        else:  # an int8 QuantizedTable: layer 1 reads it only through its TableBlock
+            x = self.features.placeholder()
         logits, hiddens = self.student(x, blocks)
         return logits, embedding_of(self.student, logits, hiddens, blocks[-1])
 

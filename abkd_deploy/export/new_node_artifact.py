@@ -30,7 +30,8 @@ from abkd_deploy.export.new_nodes import (
     new_node_spec,
     refuse_new_nodes,
 )
-from abkd_deploy.export.onnx_tables import table_names
+from abkd_deploy.export.onnx_tables import initializer_tables
+from abkd_deploy.export.quantize import quantize_tables, table_names
 from abkd_deploy.export.validate import validate_artifact
 
 #: Stored nodes compared in :func:`check_consistency` (at most).
@@ -77,8 +78,14 @@ def write_new_nodes(
     dtype: str,
     atol: float,
     log: Callable[[str], None],
+    quantize: str = "none",
+    rtol: float = 0.0,
 ) -> tuple[dict[str, Any], list[str]]:
     """Exports, checks and validates ``new_nodes.onnx`` into the staging folder ``tmp``.
+
+    ``quantize="int8"``: the stored states (``state_l``) become int8 tables with per-row
+    scales, as in the main graph (:func:`~.quantize.quantize_tables`), validated against
+    the float32 module within ``atol + rtol`` x each output's scale.
 
     Returns:
         ``(manifest entry, files written)``.
@@ -95,6 +102,8 @@ def write_new_nodes(
     reference = main.module if main.reference is None else main.reference
     consistency = check_consistency(ctx, module, reference, width, atol)
     art = cast_module(module, DTYPES[dtype])
+    if quantize == "int8":
+        art = quantize_tables(art)
     paths = fmt.export(art, spec, tmp / NEW_NODES_FILE, opset)
     runner = fmt.load(paths[0], DTYPES[dtype], runner_threads())
     diffs = validate_artifact(
@@ -106,6 +115,7 @@ def write_new_nodes(
         atol,
         lambda _msg: None,
         declared=fmt.output_names(paths[0]) if fmt.output_names else None,
+        rtol=rtol,
     )
     size = sum(p.stat().st_size for p in paths)
     log(
@@ -122,7 +132,8 @@ def write_new_nodes(
         "fanouts": list(ctx.fanouts),
         "max_abs_diff": diffs,
         "stored_answers_max_abs_diff": consistency,
-        "tables": table_names(paths[0], art, ctx.data.num_nodes),
+        "tables": initializer_tables(paths[0], art, ctx.data.num_nodes),
+        "int8_tables": table_names(module) if quantize == "int8" else [],
         "export_s": round(time.perf_counter() - t0, 3),
     }
     return entry, [p.name for p in paths]

@@ -9,7 +9,10 @@ same gather-only graphs for ``ell``/``embedded``; dynamo names the dynamic dims 
 Weights larger than :data:`EXTERNAL_DATA_BYTES` go to ``model.onnx.data`` (ONNX
 external data: raw little-endian tensors, memory-mappable), so the protobuf stays far
 below its 2 GB limit. The manifest is stored in ``metadata_props`` by
-:func:`write_metadata` once validation has passed.
+:func:`write_metadata` once validation has passed. An int8 module (``--quantize int8``:
+its tables are :class:`~abkd_deploy.export.quantize.QuantizedTable` s) gets one
+``DequantizeLinear`` per lookup (:func:`~abkd_deploy.export.quantize_onnx.finish_int8`),
+same external-data layout.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from abkd_deploy.errors import ExportError, first_line
+from abkd_deploy.export import quantize
 from abkd_deploy.export.adjacency import AdjacencyFormat, ExportSpec
 from abkd_deploy.export.formats import (
     FORMATS,
@@ -33,6 +37,7 @@ from abkd_deploy.export.formats import (
     exporter_call,
     module_dtype,
 )
+from abkd_deploy.export.quantize_onnx import finish_int8
 from abkd_deploy.manifest import METADATA_KEY
 
 #: Initializers above this total size are written as external data.
@@ -72,6 +77,9 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: Path, opset: int) -> 
         )
         external = initializer_bytes(module) > EXTERNAL_DATA_BYTES
         program.save(str(path), external_data=external)
+    if any(isinstance(m, quantize.QuantizedTable) for m in module.modules()):
+        with exporter_call("int8 ONNX post-processing", logger="onnxruntime"):
+            finish_int8(path, external, quantize.QUANTIZE_WEIGHTS)
     files = [path]
     data = path.with_name(path.name + ".data")
     if data.exists():

@@ -6,7 +6,7 @@ are initializers named after the export-form module's buffers (``hidden``,
 never the graph: so it rewrites the initializers of the parent's file instead of tracing
 the model again. The exporter may rename a buffer it rewrites (``last.features`` can
 become ``clone``), so the export records which initializer holds which buffer, found by
-content (:func:`table_names`). Every initializer with the parent's row count must be
+content (:func:`initializer_tables`). Every initializer with the parent's row count must be
 replaced, or the file is refused (a table the refresh does not know would keep stale rows).
 """
 
@@ -42,7 +42,7 @@ def read_initializers(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]
     return {n: numpy_helper.to_array(found[n]) for n in names}
 
 
-def table_names(path: Path, module: nn.Module, num_rows: int) -> dict[str, str]:
+def initializer_tables(path: Path, module: nn.Module, num_rows: int) -> dict[str, str]:
     """``{initializer name: buffer name}`` for the per-node tables of an exported file.
 
     An initializer with ``num_rows`` rows is matched to the buffer of ``module`` (the module
@@ -91,7 +91,7 @@ def rewrite_initializers(
         dst: Where to write (its external data, if any, goes to ``dst.name + ".data"``).
         values: New values by buffer name. Each must keep its initializer's dtype and
             every dimension but the first.
-        names: ``{initializer name: buffer name}`` of the tables (:func:`table_names`).
+        names: ``{initializer name: buffer name}`` of the tables (:func:`initializer_tables`).
         old_rows: The parent's node count: every initializer with that many rows must be
             in ``values``.
 

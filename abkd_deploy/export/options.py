@@ -77,6 +77,26 @@ def check_options(adjacency: AdjacencyFormat, opset: int, dtype: str, atol: floa
     return atol
 
 
+def check_quantize(quantize: str | None, adjacency: str, dtype: str) -> tuple[str, float]:
+    """Checks ``quantize`` (``None``/``"none"``/``"int8"``) against the adjacency and dtype.
+
+    Returns:
+        ``(mode, rtol)``: the normalised mode and the relative validation tolerance it adds
+        (0 for ``none``; :data:`~abkd_deploy.export.quantize.INT8_RTOL` of each output's
+        scale for ``int8``).
+
+    Raises:
+        ConfigError: an unknown mode or a combination that cannot be exported (one line).
+    """
+    from abkd_deploy.export.quantize import INT8_RTOL, quantize_mode, refuse_quantize
+
+    mode = quantize_mode(quantize)
+    reason = refuse_quantize(mode, adjacency, dtype)
+    if reason:
+        raise ConfigError(reason)
+    return mode, (INT8_RTOL if mode == "int8" else 0.0)
+
+
 def check_supported(
     adjacency: AdjacencyFormat, formats: Sequence[ArtifactFormat], dtype: str, arch: str
 ) -> None:

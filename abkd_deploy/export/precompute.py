@@ -30,6 +30,7 @@ from abkd_deploy.data.ell import FanoutTable
 from abkd_deploy.errors import ConfigError
 from abkd_deploy.export.fold import fold_input_transform
 from abkd_deploy.export.modules import EmbeddedStudent, TableBlock
+from abkd_deploy.export.quantize import lookup
 from abkd_deploy.models.base import GNN, LayerStack
 
 #: Archs whose hidden layers can be precomputed.
@@ -225,8 +226,9 @@ class OutputTables(nn.Module):
         self.register_buffer("embedding_table", embedding.contiguous())
 
     def forward(self, node_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """``node_ids`` [B] int64 -> ``(logits [B, C], embedding [B, d])`` (plain Gathers)."""
-        return F.embedding(node_ids, self.logits_table), F.embedding(node_ids, self.embedding_table)
+        """``node_ids`` [B] int64 -> ``(logits [B, C], embedding [B, d])`` (plain Gathers, or
+        int8 Gathers dequantised after them: :class:`~.quantize.QuantizedTable`)."""
+        return lookup(self.logits_table, node_ids), lookup(self.embedding_table, node_ids)
 
 
 @torch.no_grad()

@@ -189,6 +189,8 @@ def _check_refreshable(manifest: dict[str, Any], export_dir: Path) -> None:
     elif set(manifest.get("artifacts") or {}) != {"onnx"}:
         held = sorted(manifest.get("artifacts") or {})
         why = f"it holds {held} artifacts; refresh writes onnx only"
+    elif (manifest.get("quantize") or {}).get("mode", "none") != "none":
+        why = "its tables are quantized (int8); refresh rebuilds float32 exports"
     elif manifest.get("dtype") != "float32":
         why = f"its tables are {manifest.get('dtype')}; refresh rebuilds float32 exports"
     elif "live_graph" not in manifest or "new_nodes" not in manifest:

@@ -9,8 +9,10 @@ and compared with the float32 module, in this order (as Optimum's ONNX exporter 
    :class:`~abkd_deploy.errors.OutputNamesMismatch`;
 2. the number of outputs of every run: :class:`~abkd_deploy.errors.OutputCountMismatch`;
 3. each output's shape: :class:`~abkd_deploy.errors.OutputShapeMismatch`;
-4. each output's values, over all sets and runs: any difference above ``atol``, or a
-   non-finite value, is :class:`~abkd_deploy.errors.ValuesMismatch`.
+4. each output's values, over all sets and runs: any difference above the tolerance
+   (``atol``, plus ``rtol`` times the output's scale, the largest |value| of that output
+   in the reference over all input sets: an int8 artifact's error grows with its values),
+   or a non-finite value, is :class:`~abkd_deploy.errors.ValuesMismatch`.
 
 All four are :class:`~abkd_deploy.errors.ValidationError` s with a one-line message naming
 the output. Running twice catches nondeterministic kernels (ScatterND(add) gave
@@ -55,6 +57,7 @@ def validate_artifact(
     atol: float,
     log: Callable[[str], None] = lambda _msg: None,
     declared: Sequence[str] | None = None,
+    rtol: float = 0.0,
 ) -> dict[str, float]:
     """Compares ``runner`` with ``reference`` on every input set, :data:`RUNS` times.
 
@@ -67,6 +70,7 @@ def validate_artifact(
         atol: Largest accepted absolute difference.
         log: Where the per-output max-abs-diff line is printed.
         declared: Output names the artifact file declares (``None``: positional outputs).
+        rtol: Accepted difference per unit of the output's scale, added to ``atol``.
 
     Returns:
         ``{output name: max abs diff over all sets and runs}``.
@@ -81,9 +85,13 @@ def validate_artifact(
         check_output_names(name, declared, output_names)
     worst = {out: 0.0 for out in output_names}
     where = {out: "" for out in output_names}
+    scale = {out: 0.0 for out in output_names}
     for label, inputs in input_sets:
         with torch.inference_mode():
             expected = as_numpy_outputs(reference(*inputs))
+        for out, b in zip(output_names, expected, strict=False):
+            peak = float(np.abs(b).max()) if b.size else 0.0
+            scale[out] = max(scale[out], peak if np.isfinite(peak) else 0.0)
         for run in range(1, RUNS + 1):
             try:
                 got = runner(inputs)
@@ -104,15 +112,23 @@ def validate_artifact(
                 if diff > worst[out] or not np.isfinite(diff):
                     worst[out], where[out] = diff, f"{label}, run {run}"
     summary = ", ".join(f"{out} {worst[out]:.2e}" for out in output_names)
+    limit = {out: atol + rtol * scale[out] for out in output_names}
+    allowed = f"atol {atol:g}"
+    if rtol:
+        bounds = ", ".join(f"{out} {limit[out]:.2e}" for out in output_names)
+        allowed += f" + rtol {rtol:g} x output scale: {bounds}"
     log(
         f"  {name}: max abs diff vs PyTorch over {len(input_sets)} input sets x {RUNS} runs: "
-        f"{summary} (atol {atol:g})"
+        f"{summary} ({allowed})"
     )
     for out in output_names:
-        if not worst[out] <= atol:
+        if not worst[out] <= limit[out]:
+            bound = f"atol {atol:g}"
+            if rtol:
+                bound = f"{limit[out]:.3g} (atol {atol:g} + rtol {rtol:g} x scale {scale[out]:.3g})"
             raise ValuesMismatch(
                 f"{name} artifact disagrees with PyTorch: max abs diff {worst[out]:.3g} on "
-                f"'{out}' ({where[out]}) exceeds atol {atol:g}; nothing was written"
+                f"'{out}' ({where[out]}) exceeds {bound}; nothing was written"
             )
     return worst
 

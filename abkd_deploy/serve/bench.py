@@ -142,6 +142,7 @@ def bench(
         "trial_seconds": trial_seconds,
         "adjacency": manifest["adjacency"],
         "dataset": manifest.get("provenance", {}).get("dataset"),
+        "artifact": artifact_entry(manifest),
     }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="abkd-bench-") as tmp:
@@ -325,6 +326,35 @@ def format_ratio(value: float) -> str:
     return f"{rounded:,.0f}x" if abs(rounded) >= 100 else f"{rounded:.3g}x"
 
 
+def artifact_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The export's precision next to float32: dtype, quantization, bytes of its files and
+    its export-time test score vs the float32 PyTorch student (same requests, same split)."""
+    acc = manifest.get("accuracy") or {}
+    return {
+        "dtype": manifest.get("dtype", "float32"),
+        "quantize": (manifest.get("quantize") or {}).get("mode", "none"),
+        "bytes": int(sum(f.get("bytes", 0) for f in (manifest.get("files") or {}).values())),
+        "metric": acc.get("metric"),
+        "float32_pytorch": acc.get("pytorch_student"),
+        "exported": (acc.get("exported") or {}).get("onnx"),
+    }
+
+
+def _artifact_header(c: dict[str, Any]) -> list[str]:
+    a = c.get("artifact")
+    if not a:
+        return []
+    kind = a["dtype"] if a["quantize"] == "none" else f"{a['quantize']} tables, float32 compute"
+    line = f"- artifact: {kind}, {_human_bytes(a['bytes'])} in all"
+    if a.get("exported") is not None and a.get("float32_pytorch") is not None:
+        change = 100 * (a["exported"] - a["float32_pytorch"])
+        line += (
+            f"; export-time test {a['metric']} {a['exported']:.4f} vs float32 PyTorch "
+            f"{a['float32_pytorch']:.4f} ({change:+.2f} pt)"
+        )
+    return [line]
+
+
 def _header(report: dict[str, Any]) -> list[str]:
     m, c = report.get("machine") or {}, report.get("config") or {}
     cores = m.get("cpu_count")
@@ -342,6 +372,7 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"{c.get('requests', '?')} requests each, warm-up {c.get('warmup', '?')}, a trial "
         f"stops after {c.get('trial_seconds', '?')} s (keeping >= 3 requests); "
         f"batch sizes {sizes}",
+        *_artifact_header(c),
         *_http_header(report, usable or cores),
         f"- created {report.get('created', '?')} by abkd-deploy "
         f"{(report.get('producer') or {}).get('version', '?')}",

@@ -194,6 +194,10 @@ def test_refresh_refuses_another_student_and_non_live_exports(live, tmp_path):
     export(run, tree, formats=("onnx", "torchscript"), fanouts=FANOUTS, progress=False)
     with pytest.raises(ConfigError, match="cannot refresh"):
         refresh(tree, delta, tmp_path / "x", progress=False)
+    int8 = tmp_path / "int8"
+    export(run, int8, fanouts=FANOUTS, quantize="int8", progress=False)
+    with pytest.raises(ConfigError, match="quantized"):
+        refresh(int8, delta, tmp_path / "x", progress=False)
     moved = tmp_path / "moved"
     shutil.copytree(parent, moved)
     (moved / "graph.npz").write_bytes(b"junk")
