@@ -16,22 +16,30 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from abkd_deploy.data.csr import edge_weights
 from abkd_deploy.data.ell import FanoutTable
+
+
+def reads_source_degree(norm: str) -> bool:
+    """Whether ``norm``'s slot weights depend on the neighbour's degree (``gcn``)."""
+    one, two = torch.ones(1), torch.full((1,), 2.0)
+    return not torch.equal(edge_weights(norm, one, one, one), edge_weights(norm, one, two, one))
 
 
 def changed_rows(norm: str, old: FanoutTable, new: FanoutTable, changed: Tensor) -> Tensor:
     """[N] bool: rows of ``new`` whose slots, weights or self weight differ from ``old``
     (rows beyond ``old``'s, the new nodes, always).
 
-    ``changed`` ([N] bool) marks the nodes whose neighbour list changed: only their rows
-    and the rows that hold one of them (whose weights may read its degree) can differ,
-    so only those are compared.
+    ``changed`` ([N] bool) marks the nodes whose neighbour list changed: only their rows,
+    and under a norm that reads the neighbour's degree the rows that hold one of them,
+    can differ, so only those are compared.
     """
     n_old = old.nbr.size(0)
     out = torch.zeros(new.nbr.size(0), dtype=torch.bool)
     out[n_old:] = True
-    head = changed[:n_old]
-    maybe = head | (changed[new.nbr[:n_old]] & new.mask[:n_old]).any(1)
+    maybe = changed[:n_old]
+    if reads_source_degree(norm):
+        maybe = maybe | (changed[new.nbr[:n_old]] & new.mask[:n_old]).any(1)
     rows = torch.nonzero(maybe).flatten()
     w_old, sw_old = old.weights(norm, rows)
     w_new, sw_new = new.weights(norm, rows)

@@ -25,21 +25,29 @@ from abkd_deploy.errors import ExportError
 from abkd_deploy.export.onnx_format import EXTERNAL_DATA_BYTES
 
 
-def read_initializers(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """The initializers ``names`` of the ONNX file ``path`` (external data resolved).
+def load_graph(path: Path) -> onnx.ModelProto:
+    """The ONNX file ``path`` with its external data.
 
     Raises:
-        ExportError: the file cannot be read or lacks one of the names.
+        ExportError: the file cannot be read.
     """
     try:
-        model = onnx.load(str(path))
+        return onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, OSError, ValueError ...
         raise ExportError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def read_initializers(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Copies of the initializers ``names`` of ``model``.
+
+    Raises:
+        ExportError: ``model`` lacks one of the names.
+    """
     found = {t.name: t for t in model.graph.initializer if t.name in set(names)}
     missing = [n for n in names if n not in found]
     if missing:
-        raise ExportError(f"{path.name} has no initializer {missing[0]!r}; re-export it")
-    return {n: numpy_helper.to_array(found[n]) for n in names}
+        raise ExportError(f"the new-node graph has no initializer {missing[0]!r}; re-export it")
+    return {n: numpy_helper.to_array(found[n]).copy() for n in names}
 
 
 def initializer_tables(path: Path, module: nn.Module, num_rows: int) -> dict[str, str]:
@@ -78,7 +86,7 @@ class Rewritten:
 
 
 def rewrite_initializers(
-    src: Path,
+    src: Path | onnx.ModelProto,
     dst: Path,
     values: Mapping[str, np.ndarray],
     names: Mapping[str, str],
@@ -87,7 +95,8 @@ def rewrite_initializers(
     """Writes ``src`` to ``dst`` with the initializers named in ``values`` replaced.
 
     Args:
-        src: The parent's ONNX file.
+        src: The parent's ONNX file, or that file already loaded (:func:`load_graph`;
+            changed in place).
         dst: Where to write (its external data, if any, goes to ``dst.name + ".data"``).
         values: New values by buffer name. Each must keep its initializer's dtype and
             every dimension but the first.
@@ -101,7 +110,8 @@ def rewrite_initializers(
     Raises:
         ExportError: a dtype or trailing shape differs, or a node table is not replaced.
     """
-    model = onnx.load(str(src))
+    model = load_graph(src) if isinstance(src, Path) else src
+    label = dst.name
     total = 0
     for init in model.graph.initializer:
         dims = list(init.dims)
@@ -110,13 +120,13 @@ def rewrite_initializers(
             want = helper.tensor_dtype_to_np_dtype(init.data_type)
             if arr.dtype != want or list(arr.shape[1:]) != dims[1:] or arr.ndim != len(dims):
                 raise ExportError(
-                    f"{src.name}: initializer {init.name!r} is {want}{dims}, the refreshed "
+                    f"{label}: initializer {init.name!r} is {want}{dims}, the refreshed "
                     f"table is {arr.dtype}{list(arr.shape)}; re-export instead of refreshing"
                 )
             init.CopyFrom(numpy_helper.from_array(arr, init.name))
         elif dims and dims[0] == old_rows:
             raise ExportError(
-                f"{src.name}: initializer {init.name!r} {dims} looks like a per-node table "
+                f"{label}: initializer {init.name!r} {dims} looks like a per-node table "
                 "this refresh does not rebuild; re-export instead of refreshing"
             )
         total += int(np.prod(init.dims, dtype=np.int64)) * _itemsize(init.data_type)

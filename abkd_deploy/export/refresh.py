@@ -46,7 +46,12 @@ from abkd_deploy.export.live_graph import LIVE_GRAPH_FILE, LiveGraph
 from abkd_deploy.export.manifest import read_manifest
 from abkd_deploy.export.new_node_artifact import check_consistency
 from abkd_deploy.export.new_nodes import NEW_NODES_FILE, new_node_module, new_node_spec
-from abkd_deploy.export.onnx_tables import Rewritten, read_initializers, rewrite_initializers
+from abkd_deploy.export.onnx_tables import (
+    Rewritten,
+    load_graph,
+    read_initializers,
+    rewrite_initializers,
+)
 from abkd_deploy.export.precompute import layer_states
 from abkd_deploy.export.validate import validate_artifact
 from abkd_deploy.files import sha256_file, write_json
@@ -98,9 +103,10 @@ def refresh(
     fanouts = [int(k) for k in parent["adjacency"]["fanouts"]]
     graph = LiveGraph.load(export_dir / LIVE_GRAPH_FILE, layers)
     names = [f"state_{i}" for i in range(layers)]
-    stored = read_initializers(export_dir / NEW_NODES_FILE, names)
-    x = torch.from_numpy(stored[names[0]].copy())
-    previous = [torch.from_numpy(stored[n].copy()) for n in names[1:]]
+    new_node_graph = load_graph(export_dir / NEW_NODES_FILE)  # read once, rewritten below
+    stored = read_initializers(new_node_graph, names)
+    x = torch.from_numpy(stored[names[0]])
+    previous = [torch.from_numpy(stored[n]) for n in names[1:]]
     change = read_delta(delta, n_old, int(x.size(1)))
     laps = {"load_s": time.perf_counter() - t_start}
 
@@ -147,7 +153,7 @@ def refresh(
             n_old,
         )
         extra = rewrite_initializers(
-            export_dir / NEW_NODES_FILE,
+            new_node_graph,
             tmp / NEW_NODES_FILE,
             _arrays(new_nodes),
             parent["new_nodes"]["tables"],
