@@ -65,6 +65,19 @@ class NewNodeLimits:
     num_nodes: int
 
 
+def new_node_limits(manifest: dict[str, Any]) -> NewNodeLimits | None:
+    """What the new nodes of an export must fit, from its manifest (``None``: it has no
+    new-node graph)."""
+    entry = manifest.get("new_nodes")
+    if not isinstance(entry, dict):
+        return None
+    try:
+        width, k = int(entry["inputs"][0]["shape"][1]), int(entry["max_neighbors"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ArtifactError(f"manifest.json has a malformed 'new_nodes' entry: {entry!r}") from None
+    return NewNodeLimits(width, k, int(manifest["graph"]["num_nodes"]))
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
 

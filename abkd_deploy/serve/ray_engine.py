@@ -20,6 +20,7 @@ the extra, :func:`serve_ray` raises a one-line :class:`ServeError` naming it.
 
 # No `from __future__ import annotations`: the routes are pickled to the replicas, where
 # FastAPI must see real annotation objects (a string "Request" would not resolve there).
+import asyncio
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from abkd_deploy.errors import ServeError, first_line
 from abkd_deploy.serve.errors import Unavailable
 from abkd_deploy.serve.limits import HttpLimits
 from abkd_deploy.serve.manifest import load_manifest
+from abkd_deploy.serve.new_nodes import NewNodeLimits, new_node_limits
 from abkd_deploy.serve.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
@@ -86,16 +88,22 @@ class FrontSettings:
 
 
 def build_http_app(
-    model: Any, num_nodes: int, with_embedding: bool, front: FrontSettings
+    model: Any,
+    num_nodes: int,
+    with_embedding: bool,
+    front: FrontSettings,
+    new_nodes: NewNodeLimits | None = None,
 ) -> FastAPI:
     """The FastAPI ingress of the Ray application (built on each ``HttpFront`` replica).
 
     Args:
-        model: a handle whose ``predict.remote((ids, want_embedding))`` answers a
+        model: a handle whose ``predict.remote((ids, want_embedding))`` and
+            ``predict_nodes.remote((new nodes, want_embedding))`` answer a
             :class:`Prediction` and ``info.remote()`` a replica's ``/healthz`` fields.
         num_nodes: ids must lie in ``[0, num_nodes)``.
         with_embedding: whether the model has an ``embedding`` output.
         front: limits.
+        new_nodes: what a new node must fit (``None``: the export answers stored ids only).
     """
     from ray.exceptions import ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -118,15 +126,14 @@ def build_http_app(
     app.add_exception_handler(StarletteHTTPException, http_error)
     died = (RayActorError, ActorUnavailableError)
 
-    async def ask_model(req: Any) -> Prediction:
-        item = (req.ids, req.return_embedding)
+    async def ask(method: Any, item: Any) -> Prediction:
         try:
             try:
-                return await model.predict.remote(item)
+                return await method.remote(item)
             except died as exc:
                 log.warning("a model replica failed with a request in flight: %s", exc)
             try:
-                return await model.predict.remote(item)  # idempotent: once more
+                return await method.remote(item)  # idempotent: once more
             except died as exc:
                 raise ReplicaFailed(
                     f"the model replica serving this request failed "
@@ -135,11 +142,21 @@ def build_http_app(
         except (BackPressureError, DeploymentUnavailableError) as exc:
             raise Unavailable(f"no model replica can take the request now: {exc}") from None
 
+    async def ask_model(req: Any) -> Prediction:
+        ids = (req.ids, req.return_embedding)
+        if req.nodes is None:
+            return await ask(model.predict, ids)
+        # new nodes: their own graph, not micro-batched; ids first, as the built-in server
+        parts = [ask(model.predict, ids)] if req.ids.size else []
+        if len(req.nodes):
+            parts.append(ask(model.predict_nodes, (req.nodes, req.return_embedding)))
+        return Prediction.concat(list(await asyncio.gather(*parts)))
+
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         try:
             body = await read_body(request, max_body, body_timeout_s)
-            req = parse_request(body, num_nodes, max_ids, with_embedding)
+            req = parse_request(body, num_nodes, max_ids, with_embedding, new_nodes)
             pred = await ask_model(req)
         except (RequestError, Unavailable) as exc:
             headers = None
@@ -233,6 +250,11 @@ def build_application(
             pred = self.predictor.predict(ids, return_embedding=self.with_embedding)
             return _split(pred, sizes, [want for _, want in items])
 
+        def predict_nodes(self, item: tuple[Any, bool]) -> Prediction:
+            """``item``: (checked new nodes, want embedding); one run of the new-node graph."""
+            nodes, want = item
+            return self.predictor.predict_nodes(nodes, return_embedding=want)
+
         def info(self) -> dict[str, Any]:
             """``Predictor.info()`` and this replica's pid."""
             return {**self.predictor.info(), "pid": os.getpid()}
@@ -252,18 +274,28 @@ def build_application(
     class HttpFront:
         """FastAPI ingress: request checks and encoding, the model behind a handle."""
 
-        def __init__(self, model: Any, num_nodes: int, with_embedding: bool) -> None:
+        def __init__(
+            self,
+            model: Any,
+            num_nodes: int,
+            with_embedding: bool,
+            new_nodes: NewNodeLimits | None,
+        ) -> None:
             self.model = model
             self.num_nodes = num_nodes
             self.with_embedding = with_embedding
+            self.new_nodes = new_nodes
 
         def __serve_build_asgi_app__(self) -> FastAPI:
-            return build_http_app(self.model, self.num_nodes, self.with_embedding, front)
+            return build_http_app(
+                self.model, self.num_nodes, self.with_embedding, front, self.new_nodes
+            )
 
     manifest = load_manifest(Path(export_dir))  # the Predictor checked it against the model
     with_embedding = any(o["name"] == "embedding" for o in manifest["outputs"])
     num_nodes = int(manifest["graph"]["num_nodes"])
-    return HttpFront.bind(StudentModel.bind(), num_nodes, with_embedding)
+    limits = new_node_limits(manifest)
+    return HttpFront.bind(StudentModel.bind(), num_nodes, with_embedding, limits)
 
 
 class ReplicaFailed(Unavailable):

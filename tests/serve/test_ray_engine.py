@@ -417,3 +417,42 @@ def test_front_answers_json_503_under_back_pressure(predictor: Predictor) -> Non
     response = _front_client(predictor, model).post("/v1/predict", json={"node_ids": [4]})
     assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
     assert "backpressure" in response.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def new_node_predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+    """A real embedded gcn export, which carries new_nodes.onnx."""
+    from abkd_deploy.export import export
+    from tests.export.conftest import make_run
+
+    tmp = tmp_path_factory.mktemp("ray_new_nodes")
+    run = make_run(tmp / "run", "gcn", epochs=3)
+    export(run, tmp / "export", fanouts="3,3", progress=False)
+    return Predictor(tmp / "export", device="cpu", threads=1, max_batch=MAX_BATCH)
+
+
+@needs_ray
+def test_front_answers_new_nodes_like_the_builtin_server(new_node_predictor: Predictor) -> None:
+    from fastapi.testclient import TestClient
+
+    from abkd_deploy.serve.ray_engine import FrontSettings, build_http_app
+
+    p = new_node_predictor
+    model = _FakeModel(_FakeMethod(_run(p)))
+    model.predict_nodes = _FakeMethod(lambda item: p.predict_nodes(item[0], item[1]))
+    front = FrontSettings(2, MAX_BATCH, 2.0, MAX_IDS, 10.0)
+    app = build_http_app(model, p.num_nodes, p.has_embedding, front, p.new_nodes.limits)
+    width = p.new_nodes.limits.feature_width
+    nodes = [
+        {"features": [0.5] * width, "neighbors": [1, 2]},
+        {"features": [0.0] * width, "neighbors": []},
+    ]
+    client = TestClient(app)
+    response = client.post("/v1/predict", json={"node_ids": [4], "nodes": nodes})
+    assert response.status_code == 200, response.text
+    want = p.predict([4], nodes=nodes)
+    assert response.json()["predictions"] == want.classes.tolist()
+    np.testing.assert_allclose(response.json()["scores"], want.scores, atol=1e-6)
+    assert model.predict.calls == 1 and model.predict_nodes.calls == 1
+    bad = client.post("/v1/predict", json={"nodes": [{"features": [1.0], "neighbors": []}]})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_nodes"
