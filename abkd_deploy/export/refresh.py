@@ -59,7 +59,7 @@ from abkd_deploy.manifest import MANIFEST_NAME, file_entries
 from abkd_deploy.models import load_model
 from abkd_deploy.rundir import verify_run_dir
 from abkd_deploy.scoring import score
-from abkd_deploy.staging import staged_directory
+from abkd_deploy.staging import check_out_dir, staged_directory
 
 #: Recomputed rows and new nodes checked against PyTorch (at most, each).
 CHECK_ROWS = 1000
@@ -99,6 +99,7 @@ def refresh(
     parent = read_manifest(export_dir, verify_files=True)
     _check_refreshable(parent, export_dir)
     student, run_dir = _load_student(parent, run_dir)
+    check_out_dir(out_dir, force, sources=[export_dir, run_dir])  # before the work, not after
     n_old, layers = int(parent["graph"]["num_nodes"]), student.num_layers
     fanouts = [int(k) for k in parent["adjacency"]["fanouts"]]
     graph = LiveGraph.load(export_dir / LIVE_GRAPH_FILE, layers)

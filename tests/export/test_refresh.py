@@ -182,6 +182,13 @@ def test_refresh_refuses_bad_input(live, tmp_path, data):
     with pytest.raises(DatasetError, match="no change"):
         refresh(parent, empty, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()  # nothing half-written
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("not the tool's")
+    with pytest.raises(ConfigError, match="already exists"):
+        refresh(parent, live[2], tmp_path / "taken", progress=False)
+    with pytest.raises(ConfigError, match="not written by abkd-deploy"):
+        refresh(parent, live[2], tmp_path / "taken", force=True, progress=False)
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "not the tool's"
 
 
 def test_refresh_refuses_another_student_and_non_live_exports(live, tmp_path):
