@@ -126,6 +126,8 @@ class ExportSpec:
         params: Format parameters recorded under the manifest's ``adjacency``.
         reference: Module the artifact is validated against when it is not ``module``
             itself (a precomputed ``embedded`` module is checked against the tree form).
+        external_data: Write the ONNX initializers as external data whatever their size
+            (live exports: ``refresh`` rewrites the tables as raw arrays, no protobuf).
     """
 
     module: nn.Module
@@ -139,6 +141,7 @@ class ExportSpec:
     logits: Callable[[Runner], np.ndarray]
     params: dict[str, Any] = field(default_factory=dict)
     reference: nn.Module | None = None
+    external_data: bool = False
 
 
 def accepts_every_dtype(dtype: str, arch: str) -> str | None:

@@ -164,9 +164,11 @@ def export(
         f"{ctx.fanouts} ({ref.exact_graph:.4f} on the exact graph)"
     )
     with staged_directory(out_dir, force, sources=[run_dir]) as tmp:
+        live = wants_new_nodes(ctx, adj.name, [f.name for f in fmts])
+        spec.external_data = live  # refresh rewrites a live export's tables as raw arrays
         results = {f.name: _export_one(f, adj, spec, ctx, tmp, target, ref, log) for f in fmts}
         new_nodes, extra_files = None, []
-        if wants_new_nodes(ctx, adj.name, [f.name for f in fmts]):
+        if live:
             new_nodes, extra_files = write_new_nodes(
                 ctx,
                 spec,

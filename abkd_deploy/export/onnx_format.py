@@ -75,7 +75,7 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: Path, opset: int) -> 
             optimize=True,
             verbose=False,
         )
-        external = initializer_bytes(module) > EXTERNAL_DATA_BYTES
+        external = spec.external_data or initializer_bytes(module) > EXTERNAL_DATA_BYTES
         program.save(str(path), external_data=external)
     if any(isinstance(m, quantize.QuantizedTable) for m in module.modules()):
         with exporter_call("int8 ONNX post-processing", logger="onnxruntime"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,32 +23,72 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from abkd_deploy.errors import ExportError
-from abkd_deploy.export.onnx_format import EXTERNAL_DATA_BYTES
 
 
-def load_graph(path: Path) -> onnx.ModelProto:
-    """The ONNX file ``path`` with its external data.
+@dataclass
+class Graph:
+    """An ONNX file's protobuf, with its external tensors left on disk.
+
+    Attributes:
+        model: The protobuf (external tensors are references).
+        directory: Where the external data files are.
+    """
+
+    model: onnx.ModelProto
+    directory: Path
+
+
+def load_graph(path: Path) -> Graph:
+    """The protobuf of ``path``; external tensors are read only when asked for.
 
     Raises:
         ExportError: the file cannot be read.
     """
     try:
-        return onnx.load(str(path))
+        return Graph(onnx.load(str(path), load_external_data=False), path.parent)
     except Exception as exc:  # onnx raises DecodeError, OSError, ValueError ...
         raise ExportError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
 
 
-def read_initializers(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Copies of the initializers ``names`` of ``model``.
+def tensor_array(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
+    """A writable copy of an initializer, internal or external.
 
     Raises:
-        ExportError: ``model`` lacks one of the names.
+        ExportError: an external reference that leaves ``directory`` or is cut short.
     """
-    found = {t.name: t for t in model.graph.initializer if t.name in set(names)}
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor).copy()
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    raw = _external_bytes(tensor, directory, count * dtype.itemsize)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(list(tensor.dims))
+
+
+def _external_bytes(tensor: onnx.TensorProto, directory: Path, size: int) -> bytearray:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if not location or Path(location).name != location:
+        raise ExportError(f"initializer {tensor.name!r} points outside its folder: {location!r}")
+    offset, length = int(info.get("offset", 0)), int(info.get("length", size))
+    with open(directory / location, "rb") as f:
+        f.seek(offset)
+        raw = bytearray(f.read(length))
+    if len(raw) != size:
+        raise ExportError(f"{location}: initializer {tensor.name!r} is cut short")
+    return raw
+
+
+def read_initializers(graph: Graph, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Copies of the initializers ``names`` of ``graph``.
+
+    Raises:
+        ExportError: ``graph`` lacks one of the names.
+    """
+    found = {t.name: t for t in graph.model.graph.initializer if t.name in set(names)}
     missing = [n for n in names if n not in found]
     if missing:
         raise ExportError(f"the new-node graph has no initializer {missing[0]!r}; re-export it")
-    return {n: numpy_helper.to_array(found[n]).copy() for n in names}
+    return {n: tensor_array(found[n], graph.directory) for n in names}
 
 
 def initializer_tables(path: Path, module: nn.Module, num_rows: int) -> dict[str, str]:
@@ -86,7 +127,7 @@ class Rewritten:
 
 
 def rewrite_initializers(
-    src: Path | onnx.ModelProto,
+    src: Path | Graph,
     dst: Path,
     values: Mapping[str, np.ndarray],
     names: Mapping[str, str],
@@ -94,10 +135,14 @@ def rewrite_initializers(
 ) -> Rewritten:
     """Writes ``src`` to ``dst`` with the initializers named in ``values`` replaced.
 
+    Tables are written as raw little-endian arrays into ``dst.name + ".data"`` (ONNX
+    external data, offsets aligned to 4 KiB for memory mapping), so neither the parent's
+    tables nor the new ones pass through protobuf; the protobuf itself is small.
+
     Args:
         src: The parent's ONNX file, or that file already loaded (:func:`load_graph`;
             changed in place).
-        dst: Where to write (its external data, if any, goes to ``dst.name + ".data"``).
+        dst: Where to write.
         values: New values by buffer name. Each must keep its initializer's dtype and
             every dimension but the first.
         names: ``{initializer name: buffer name}`` of the tables (:func:`initializer_tables`).
@@ -110,39 +155,66 @@ def rewrite_initializers(
     Raises:
         ExportError: a dtype or trailing shape differs, or a node table is not replaced.
     """
-    model = load_graph(src) if isinstance(src, Path) else src
-    label = dst.name
-    total = 0
-    for init in model.graph.initializer:
-        dims = list(init.dims)
-        if init.name in names:
-            arr = np.ascontiguousarray(values[names[init.name]])
-            want = helper.tensor_dtype_to_np_dtype(init.data_type)
-            if arr.dtype != want or list(arr.shape[1:]) != dims[1:] or arr.ndim != len(dims):
-                raise ExportError(
-                    f"{label}: initializer {init.name!r} is {want}{dims}, the refreshed "
-                    f"table is {arr.dtype}{list(arr.shape)}; re-export instead of refreshing"
-                )
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
-        elif dims and dims[0] == old_rows:
-            raise ExportError(
-                f"{label}: initializer {init.name!r} {dims} looks like a per-node table "
-                "this refresh does not rebuild; re-export instead of refreshing"
-            )
-        total += int(np.prod(init.dims, dtype=np.int64)) * _itemsize(init.data_type)
-    _drop_stale_shapes(model.graph, old_rows)
-    external = total > EXTERNAL_DATA_BYTES
+    graph = load_graph(src) if isinstance(src, Path) else src
+    model, label = graph.model, dst.name
     data = dst.with_name(dst.name + ".data")
-    onnx.save_model(
-        model,
-        str(dst),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
+    with open(data, "wb") as out:
+        for init in model.graph.initializer:
+            dims = list(init.dims)
+            if init.name in names:
+                arr = np.ascontiguousarray(values[names[init.name]])
+                want = helper.tensor_dtype_to_np_dtype(init.data_type)
+                if arr.dtype != want or list(arr.shape[1:]) != dims[1:] or arr.ndim != len(dims):
+                    raise ExportError(
+                        f"{label}: initializer {init.name!r} is {want}{dims}, the refreshed "
+                        f"table is {arr.dtype}{list(arr.shape)}; re-export instead of refreshing"
+                    )
+                _write_external(
+                    init,
+                    arr.astype(arr.dtype.newbyteorder("<")).tobytes(),
+                    arr.shape,
+                    out,
+                    data.name,
+                )
+            elif dims and dims[0] == old_rows:
+                raise ExportError(
+                    f"{label}: initializer {init.name!r} {dims} looks like a per-node table "
+                    "this refresh does not rebuild; re-export instead of refreshing"
+                )
+            elif init.data_location == onnx.TensorProto.EXTERNAL:  # a weight: copied as is
+                size = int(np.prod(dims, dtype=np.int64)) * _itemsize(init.data_type)
+                raw = _external_bytes(init, graph.directory, size)
+                _write_external(init, bytes(raw), dims, out, data.name)
+        written = out.tell()
+    _drop_stale_shapes(model.graph, old_rows)
+    onnx.save_model(model, str(dst))
     outputs = [o.name for o in model.graph.output]
-    return Rewritten([dst, data] if external else [dst], outputs)
+    if not written:
+        data.unlink()
+        return Rewritten([dst], outputs)
+    return Rewritten([dst, data], outputs)
+
+
+#: Offsets of external tensors are multiples of this (memory-mappable pages).
+ALIGN = 4096
+
+
+def _write_external(
+    init: onnx.TensorProto, raw: bytes, shape: Sequence[int], out: Any, location: str
+) -> None:
+    """Appends ``raw`` to ``out`` (aligned) and points ``init`` at it."""
+    pad = -out.tell() % ALIGN
+    out.write(b"\0" * pad)
+    offset = out.tell()
+    out.write(raw)
+    data_type, name = init.data_type, init.name
+    init.Clear()
+    init.name, init.data_type = name, data_type
+    init.dims.extend(int(d) for d in shape)
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, str(value)
 
 
 def _drop_stale_shapes(graph: onnx.GraphProto, old_rows: int) -> None:

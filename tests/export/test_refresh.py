@@ -126,7 +126,9 @@ def test_refreshed_export_is_complete_and_records_its_parent(live, tmp_path):
     assert prov["delta"]["new_nodes"] == arrays["new_x"].shape[0]
     assert prov["delta"]["sha256"] == hashlib.sha256(delta.read_bytes()).hexdigest()
     assert prov["generation"] == 1
-    assert set(manifest["files"]) == {"model.onnx", "new_nodes.onnx", "graph.npz"}
+    live_files = {"model.onnx", "model.onnx.data", "new_nodes.onnx", "new_nodes.onnx.data"}
+    assert set(manifest["files"]) == live_files | {"graph.npz"}
+    assert set(read_manifest(parent)["files"]) == live_files | {"graph.npz"}
     assert manifest["validation"]["passed"] is True
     assert any("recomputed" in s for s in manifest["validation"]["input_sets"])
     # a refresh of the refresh chains

@@ -141,9 +141,11 @@ def test_gate_fails_on_clearly_faster_baseline_and_passes_on_own(pipeline, repor
     assert "regression gate failed" in failed.output and "student-onnx batch 16" in failed.output
     own = runner.invoke(main, [*args, "--out", str(tmp_path / "own.json")])
     assert own.exit_code == 0, own.output
-    # the same machine's fresh report as baseline; a wide tolerance absorbs CI noise
+    # the same machine's fresh report as baseline; a wide tolerance absorbs CI noise (a p95
+    # of 4 requests on a loaded 2-core machine moved 0.15 -> 3.7 ms once); the 100x-faster
+    # baseline above still fails at any tolerance below 99
     passed = runner.invoke(
-        main, [*args, "--baseline", str(tmp_path / "own.json"), "--max-regression", "3"]
+        main, [*args, "--baseline", str(tmp_path / "own.json"), "--max-regression", "30"]
     )
     assert passed.exit_code == 0, passed.output
     assert "regression gate passed" in passed.output
