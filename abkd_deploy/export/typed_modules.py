@@ -22,6 +22,7 @@ last layer on the stored states).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -32,6 +33,9 @@ from abkd_deploy.data.ell import EllBlock, FanoutTable
 from abkd_deploy.data.typed_blocks import TypedBlock, relation_weights
 from abkd_deploy.data.typed_graph import Relation, relation_key
 from abkd_deploy.models.typed import TypedGNN, receptive_types
+
+#: Most gathered values (``rows * K * F``) one chunk of :class:`ChunkedEllBlock` holds.
+CHUNK_ELEMENTS = 1 << 26
 
 
 class SegmentOperand:
@@ -50,6 +54,23 @@ class SegmentOperand:
         n, k = self.weight.shape
         g = h[self.start : self.start + n * k].reshape((n, k, *h.shape[1:]))
         return torch.matmul(self.weight.unsqueeze(1).to(g.dtype), g).squeeze(1)
+
+
+class ChunkedEllBlock(EllBlock):
+    """Whole-relation :class:`EllBlock` that gathers at most :data:`CHUNK_ELEMENTS`
+    values at a time (bounded temporary memory for :func:`typed_layer_states`)."""
+
+    def neighbors(self, h: Tensor) -> Tensor:
+        """``h``: [n_src, F] -> [n_dst, F], as :meth:`EllBlock.neighbors`, row chunk by chunk."""
+        n, k = self.nbr.shape
+        step = max(1, CHUNK_ELEMENTS // max(1, k * math.prod(h.shape[1:])))
+        if step >= n:
+            return super().neighbors(h)
+        out = h.new_empty((n, *h.shape[1:]))
+        for i in range(0, n, step):
+            part = EllBlock(self.nbr[i : i + step], self.weight[i : i + step], None)
+            out[i : i + step] = part.neighbors(h)
+        return out
 
 
 def level_types(relations: Sequence[Relation], target: str, num_layers: int) -> list[list[str]]:
@@ -184,7 +205,9 @@ def typed_layer_states(
     """Outputs of layers ``1..L-1`` (after ReLU) for every node of the types they feed.
 
     Layer ``l`` aggregates over the layer-``l`` tables, as the tree form does for any row
-    at any level, so each row is what a request would compute for that node.
+    at any level, so each row is what a request would compute for that node. Whole
+    relations are gathered in row chunks (:class:`ChunkedEllBlock`), so the temporary
+    memory is bounded (``[N, K, F]`` at ogbn-mag's size is tens of GB).
 
     Returns:
         ``L - 1`` dicts ``{type: [N_t, hidden]}`` (the types layer ``l`` must output).
@@ -202,7 +225,7 @@ def typed_layer_states(
         block = TypedBlock(
             num_dst=dict(full),
             rel_ops={
-                r: EllBlock(t.nbr, relation_weights(t, student.norm), None)
+                r: ChunkedEllBlock(t.nbr, relation_weights(t, student.norm), None)
                 for r, t in sorted(tables[index].items())
             },
         )
