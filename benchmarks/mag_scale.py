@@ -171,8 +171,10 @@ def dir_bytes(path: Path) -> dict[str, int]:
 
 
 def stage_export(a: argparse.Namespace) -> None:
-    from abkd_deploy.export import export
+    from abkd_deploy.export import export, reference
 
+    if a.eval_nodes:  # fewer scored test papers (the package default is MAX_EVAL_NODES)
+        reference.MAX_EVAL_NODES = a.eval_nodes
     run = Path(a.work) / f"{a.model}-run"
     out = Path(a.work) / f"{a.model}-export"
     t0 = time.perf_counter()
@@ -187,6 +189,7 @@ def stage_export(a: argparse.Namespace) -> None:
             "files": files,
             "total_mb": sum(files.values()) / 2**20,
             "peak_rss_mb": peak_rss_mb(),
+            "eval_nodes": reference.MAX_EVAL_NODES,
             "adjacency": {
                 k: v for k, v in manifest.get("adjacency", {}).items() if not isinstance(v, dict)
             },
@@ -242,6 +245,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="generate: fresh-process repeats")
     p.add_argument("--batches", type=int, default=6, help="train: mini-batches timed")
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--eval-nodes", type=int, default=0, help="export: test papers scored")
     p.add_argument("--serve-batch", type=int, default=64)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--results", default="mag_scale.json")
