@@ -417,23 +417,55 @@ def _run_compare(specs: dict[str, Any], methods: str | None, out: str) -> None:
     click.echo(format_table(rows))
 
 
+def _destination_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--out DIR`` / ``--repo REPO/<model>`` of the commands that write an export."""
+    fn = click.option(
+        "--repo",
+        "repo_dir",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Instead of --out: publish as the next version of the model directory "
+        "REPO/<model> (max(version) + 1, atomically; what `serve REPO/<model>` hot-swaps to).",
+    )(fn)
+    return click.option(
+        "--out",
+        "out_dir",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Export directory to create (refused if it exists, unless --force).",
+    )(fn)
+
+
+def _check_destination(out_dir: str | None, repo_dir: str | None, force: bool) -> None:
+    from abkd_deploy.errors import ConfigError
+
+    if (out_dir is None) == (repo_dir is None):
+        raise ConfigError("give exactly one of --out DIR and --repo REPO/<model>")
+    if repo_dir is not None and force:
+        raise ConfigError("--force is for --out; --repo always writes a new version")
+
+
+def _publish(
+    write: Callable[[Any], dict[str, Any]],
+    out_dir: str | None,
+    repo_dir: str | None,
+    sources: list[str | None],
+) -> tuple[dict[str, Any], str]:
+    """Runs ``write`` into ``out_dir``, or as the next version of ``repo_dir`` (which may
+    not overlap ``sources``); returns the manifest and where it went, for the result line."""
+    if repo_dir is None:
+        return write(out_dir), str(out_dir)
+    from abkd_deploy.model_repo import write_version
+    from abkd_deploy.staging import check_sources
+
+    check_sources(repo_dir, sources)
+    version, path, manifest = write_version(repo_dir, write)
+    return manifest, f"{path} (version {version})"
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option(
-    "--out",
-    "out_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Export directory to create (refused if it exists, unless --force).",
-)
-@click.option(
-    "--repo",
-    "repo_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Instead of --out: publish as the next version of the model directory REPO/<model> "
-    "(max(version) + 1, atomically; what `serve REPO/<model>` hot-swaps to).",
-)
+@_destination_options
 @click.option(
     "--format",
     "formats",
@@ -515,10 +547,7 @@ def export(
     """Export the student of RUN_DIR, validated against PyTorch, into --out (or --repo)."""
     from abkd_deploy.errors import ConfigError
 
-    if (out_dir is None) == (repo_dir is None):
-        raise ConfigError("give exactly one of --out DIR and --repo REPO/<model>")
-    if repo_dir is not None and kwargs["force"]:
-        raise ConfigError("--force is for --out; --repo always writes a new version")
+    _check_destination(out_dir, repo_dir, kwargs["force"])
     _check_list("export format", formats, names.EXPORT_FORMATS)
     check_name("adjacency format", kwargs["adjacency"], names.ADJACENCY_FORMATS)
     if kwargs.pop("no_precompute"):
@@ -535,15 +564,7 @@ def export(
         # this one result line
         return run_export(run_dir, out, formats=formats or ("onnx",), progress=True, **kwargs)
 
-    if repo_dir is None:
-        manifest = write(out_dir)
-    else:
-        from abkd_deploy.model_repo import write_version
-        from abkd_deploy.staging import check_sources
-
-        check_sources(repo_dir, [run_dir])
-        version, path, manifest = write_version(repo_dir, write)
-        out_dir = f"{path} (version {version})"
+    manifest, out_dir = _publish(write, out_dir, repo_dir, sources=[run_dir])
     acc, adj = manifest["accuracy"], manifest["adjacency"]
     mode = (manifest.get("quantize") or {}).get("mode", "none")
     quantized = f", {mode} tables" if mode != "none" else ""
@@ -571,20 +592,7 @@ def export(
     type=click.Path(exists=True, dir_okay=False),
     help="Delta .npz: add_edges, remove_edges, new_x, update_ids/update_x (docs/FORMATS.md).",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Export directory to create (refused if it exists, unless --force).",
-)
-@click.option(
-    "--repo",
-    "repo_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Instead of --out: publish as the next version of the model directory REPO/<model>.",
-)
+@_destination_options
 @click.option(
     "--run",
     "run_dir",
@@ -608,13 +616,9 @@ def refresh(
     (its newest version is refreshed). The result equals a full export on the updated
     graph and is validated the same way.
     """
-    from abkd_deploy.errors import ConfigError
     from abkd_deploy.model_repo import is_model_dir, list_versions
 
-    if (out_dir is None) == (repo_dir is None):
-        raise ConfigError("give exactly one of --out DIR and --repo REPO/<model>")
-    if repo_dir is not None and force:
-        raise ConfigError("--force is for --out; --repo always writes a new version")
+    _check_destination(out_dir, repo_dir, force)
     source = Path(export_dir)
     if is_model_dir(source):
         source = source / str(list_versions(source)[-1])
@@ -623,13 +627,8 @@ def refresh(
     def write(out: Any) -> dict[str, Any]:
         return run_refresh(source, delta, out, run_dir=run_dir, force=force, progress=True)
 
-    if repo_dir is None:
-        manifest = write(out_dir)
-    else:
-        from abkd_deploy.model_repo import write_version
-
-        version, path, manifest = write_version(repo_dir, write)
-        out_dir = f"{path} (version {version})"
+    # the source version may lie inside --repo (the usual case): only the run is checked
+    manifest, out_dir = _publish(write, out_dir, repo_dir, sources=[run_dir])
     d = manifest["provenance"]["refresh"]["delta"]
     acc = manifest["accuracy"]
     click.echo(

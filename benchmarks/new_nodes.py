@@ -24,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
+from csbm_student import csbm_student_run  # benchmarks/, next to this script
 
-from abkd_deploy.data import load_dataset
 from abkd_deploy.export import export
-from abkd_deploy.models import build_model, save_model
 from abkd_deploy.serve import Predictor
 from abkd_deploy.serve.new_nodes import NewNodes
 
@@ -52,16 +50,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    name = f"csbm:num_nodes={args.num_nodes}"
-    data = load_dataset(name)
-    torch.manual_seed(0)
-    model = build_model(
-        args.arch,
-        in_channels=data.num_features,
-        hidden=args.hidden,
-        out_channels=data.num_classes,
-        num_layers=2,
-    ).eval()
+    tmpdir = tempfile.TemporaryDirectory()  # removed when the timing block below ends
+    run = Path(tmpdir.name) / "run"
+    data = csbm_student_run(run, args.num_nodes, args.arch, args.hidden, epochs=0)
     rng = np.random.default_rng(0)
     b, k = args.batch, args.neighbors
     ids = rng.integers(0, args.num_nodes, b)
@@ -74,11 +65,7 @@ def main() -> None:
         for f, n in zip(feats, nbrs, strict=True)
     ]
     checked = NewNodes(feats.astype(np.float32), nbrs.astype(np.int64))
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        save_model(
-            model, run, "student", extra={"dataset": {"name": name, "root": None, "split": None}}
-        )
+    with tmpdir as tmp:
         out = Path(tmp) / "export"
         export(run, out, fanouts="10,10", progress=False)
         pred = Predictor(out, device="cpu", threads=args.threads)

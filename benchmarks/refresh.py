@@ -25,15 +25,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
+from csbm_student import csbm_student_run  # benchmarks/, next to this script
 
-from abkd_deploy.data import load_dataset
 from abkd_deploy.data.delta import write_delta
-from abkd_deploy.data.graph import FullGraph
 from abkd_deploy.data.npz import save_npz
 from abkd_deploy.export import export
 from abkd_deploy.export.refresh import refresh
-from abkd_deploy.models import build_model, save_model
 
 
 def make_delta(data, rng, edges: float, nodes: float, updates: float) -> dict[str, np.ndarray]:
@@ -95,30 +92,11 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON results file")
     args = p.parse_args()
     threads = len(os.sched_getaffinity(0))
-    name = f"csbm:num_nodes={args.num_nodes}"
-    data = load_dataset(name)
-    torch.manual_seed(0)
-    model = build_model(
-        args.arch,
-        in_channels=data.num_features,
-        hidden=args.hidden,
-        out_channels=data.num_classes,
-        num_layers=2,
-    )
-    graph = FullGraph.from_edge_index(data.edge_index, data.num_nodes, model.norm)
-    optim = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(args.epochs):
-        optim.zero_grad()
-        out = model(data.x, graph)[0]
-        F.cross_entropy(out[data.train_mask], data.y[data.train_mask]).backward()
-        optim.step()
-    del graph
-    delta = make_delta(data, np.random.default_rng(0), args.edges, args.nodes, args.updates)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run = tmp / "run"
-        extra = {"dataset": {"name": name, "root": None, "split": None}}
-        save_model(model.eval(), run, "student", extra=extra)
+        data = csbm_student_run(run, args.num_nodes, args.arch, args.hidden, args.epochs)
+        delta = make_delta(data, np.random.default_rng(0), args.edges, args.nodes, args.updates)
         parent = tmp / "parent"
         export(run, parent, fanouts="10,10", progress=False)
         delta_file = write_delta(tmp / "delta.npz", **delta)

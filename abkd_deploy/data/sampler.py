@@ -49,12 +49,27 @@ class NeighborSampler:
         fanouts: Neighbours kept per node for layer 1..L.
         norm: Aggregation normalisation of the model (see :mod:`abkd_deploy.data.csr`).
         seed: Base seed; epoch ``e`` uses ``seed + e``.
+        tables: Tables drawn elsewhere to use instead of drawing epoch 0's (``refresh``
+            re-draws only some rows); ``fanouts`` must be their widths.
     """
 
-    def __init__(self, csr: CSR, fanouts: Sequence[int], norm: str, seed: int = 0) -> None:
+    def __init__(
+        self,
+        csr: CSR,
+        fanouts: Sequence[int],
+        norm: str,
+        seed: int = 0,
+        tables: Sequence[FanoutTable] | None = None,
+    ) -> None:
         self.csr, self.fanouts, self.norm, self.seed = csr, list(fanouts), norm, seed
         self._loc = torch.full((csr.num_nodes,), -1, dtype=torch.long)
-        self.resample(0)
+        if tables is None:
+            self.resample(0)
+        else:
+            if [t.fanout for t in tables] != self.fanouts:
+                raise ValueError(f"tables of widths {[t.fanout for t in tables]} for {fanouts}")
+            self.tables = list(tables)
+            self._weights = None  # computed by the first sample()
 
     def layer_seed(self, layer: int, epoch: int = 0) -> int:
         """Seed of layer ``layer``'s table (0-based) in epoch ``epoch``."""
@@ -69,19 +84,6 @@ class NeighborSampler:
         self._weights: list[tuple[Tensor, Tensor | None]] | None = [
             t.weights(self.norm) for t in self.tables
         ]
-
-    @classmethod
-    def from_tables(
-        cls, csr: CSR, tables: Sequence[FanoutTable], norm: str, seed: int = 0
-    ) -> NeighborSampler:
-        """A sampler over tables drawn elsewhere (``refresh`` re-draws only some rows)."""
-        sampler = cls.__new__(cls)
-        sampler.csr, sampler.norm, sampler.seed = csr, norm, seed
-        sampler.fanouts = [t.fanout for t in tables]
-        sampler._loc = torch.full((csr.num_nodes,), -1, dtype=torch.long)
-        sampler.tables = list(tables)
-        sampler._weights = None  # computed by the first sample()
-        return sampler
 
     def sample(self, targets: Tensor) -> SampledBatch:
         """Blocks for ``targets`` ([B] unique global ids)."""

@@ -8,6 +8,8 @@ precomputed (:mod:`abkd_deploy.export.precompute`). docs/ARCHITECTURE.md section
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch.export import Dim
@@ -68,6 +70,30 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
         module = output_tables(module.eval(), n_nodes, ctx.batch_limit(OUTPUT_CHUNK))
         features, layout = module.logits_table, "outputs"
         precomputed = student.num_layers
+    params = {
+        "layout": "lookup" if mode == "all" else "tree",
+        "index_dtype": str(index_dtype).removeprefix("torch."),
+        "features": layout,
+        "feature_width": int(features.size(1)),
+        "dst_features": module.dst_features is not None,
+        "first_layer": "table" if precomputed or module.table_first else "tree",
+        "precomputed_layers": precomputed,
+        "precompute": mode if precomputed else "none",
+    }
+    return node_id_spec(ctx, module, n_nodes, params, tree if precomputed else None)
+
+
+def node_id_spec(
+    ctx: ExportContext,
+    module: torch.nn.Module,
+    n_nodes: int,
+    params: dict[str, Any],
+    reference: torch.nn.Module | None,
+) -> ExportSpec:
+    """The ``node_ids [batch] -> (logits, embedding)`` spec every ``embedded`` module
+    shares (homogeneous and typed): seeded example and validation ids (a batch of 1, 7
+    with duplicates, a large one) in ``[0, n_nodes)``, and the artifact's test logits."""
+    student = ctx.student
     gen = ctx.generator()
     example = (torch.randint(0, n_nodes, (11,), generator=gen),)
     seven = torch.randint(0, n_nodes, (7,), generator=gen)
@@ -97,17 +123,8 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
         dynamic_shapes=({0: Dim("batch", min=1)},),
         validation=validation,
         logits=logits,
-        params={
-            "layout": "lookup" if mode == "all" else "tree",
-            "index_dtype": str(index_dtype).removeprefix("torch."),
-            "features": layout,
-            "feature_width": int(features.size(1)),
-            "dst_features": module.dst_features is not None,
-            "first_layer": "table" if precomputed or module.table_first else "tree",
-            "precomputed_layers": precomputed,
-            "precompute": mode if precomputed else "none",
-        },
-        reference=tree if precomputed else None,
+        params=params,
+        reference=reference,
     )
 
 

@@ -130,8 +130,12 @@ def refresh(
         data=Data(x=update.x, num_nodes=update.csr.num_nodes),
         csr=update.csr,
         fanouts=fanouts,
-        sampler=NeighborSampler.from_tables(
-            update.csr, tables, student.norm, int(parent["adjacency"]["sampling_seed"])
+        sampler=NeighborSampler(
+            update.csr,
+            fanouts,
+            student.norm,
+            int(parent["adjacency"]["sampling_seed"]),
+            tables=tables,
         ),
         eval_ids=graph.eval_ids,
         dtype=parent["dtype"],

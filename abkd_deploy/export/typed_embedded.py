@@ -11,12 +11,10 @@ runs the last layer only; ``precompute="all"`` stores every target's outputs.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch.export import Dim
 
-from abkd_deploy.export.adjacency import ExportSpec, batched, spec
-from abkd_deploy.export.formats import Runner
+from abkd_deploy.export.adjacency import ExportSpec
+from abkd_deploy.export.embedded_adjacency import node_id_spec
 from abkd_deploy.export.precompute import OUTPUT_CHUNK, output_tables, precompute_mode
 from abkd_deploy.export.typed_context import TypedExportContext, typed_params
 from abkd_deploy.export.typed_modules import (
@@ -44,42 +42,12 @@ def build_typed_embedded(ctx: TypedExportContext) -> ExportSpec:
     if mode == "all":  # every target's outputs stored: the graph is the lookup
         module = output_tables(module.eval(), n_nodes, ctx.batch_limit(OUTPUT_CHUNK))
         layout, precomputed = {data.target: "outputs"}, student.num_layers
-    gen = ctx.generator()
-    example = (torch.randint(0, n_nodes, (11,), generator=gen),)
-    seven = torch.randint(0, n_nodes, (7,), generator=gen)
-    seven[1] = seven[4] = seven[0]
-    big = ctx.batch_limit(1000)
-    validation = [
-        ("batch of 1", (torch.randint(0, n_nodes, (1,), generator=gen),)),
-        ("batch of 7 with duplicate ids", (seven,)),
-        (f"batch of {big} with duplicate ids", (torch.randint(0, n_nodes, (big,), generator=gen),)),
-    ]
-    with torch.no_grad():
-        emb_dim = module(example[0])[1].size(1)
-
-    def logits(runner: Runner) -> np.ndarray:
-        return batched(ctx, lambda ids: runner((ids,))[0])
-
-    return ExportSpec(
-        module=module,
-        example=example,
-        input_names=["node_ids"],
-        output_names=["logits", "embedding"],
-        inputs=[spec("node_ids", "int64", ["batch"])],
-        outputs=[
-            spec("logits", ctx.dtype, ["batch", student.out_channels]),
-            spec("embedding", ctx.dtype, ["batch", emb_dim]),
-        ],
-        dynamic_shapes=({0: Dim("batch", min=1)},),
-        validation=validation,
-        logits=logits,
-        params={
-            "layout": "lookup" if mode == "all" else "tree",
-            "index_dtype": str(index_dtype).removeprefix("torch."),
-            "features": layout,
-            "precomputed_layers": precomputed,
-            "precompute": mode if precomputed else "none",
-            **typed_params(ctx),
-        },
-        reference=tree if precomputed else None,
-    )
+    params = {
+        "layout": "lookup" if mode == "all" else "tree",
+        "index_dtype": str(index_dtype).removeprefix("torch."),
+        "features": layout,
+        "precomputed_layers": precomputed,
+        "precompute": mode if precomputed else "none",
+        **typed_params(ctx),
+    }
+    return node_id_spec(ctx, module, n_nodes, params, tree if precomputed else None)
