@@ -102,13 +102,13 @@ class RequestAccounting:
             if "status" not in sent:  # answer it rather than let uvicorn send a text 500
                 scope[ERROR_CODE_KEY] = "shutdown"
                 msg = "the server shut down before this request was answered; retry"
-                await _send_error(tracking_send, 503, "shutdown", msg)
+                await send_error(tracking_send, 503, "shutdown", msg)
         except Exception as exc:
             log.exception("request to %s failed", scope.get("path"))
             if "status" not in sent:
                 scope[ERROR_CODE_KEY] = "internal"
                 msg = f"internal error: {type(exc).__name__}"
-                await _send_error(tracking_send, 500, "internal", msg)
+                await send_error(tracking_send, 500, "internal", msg)
         finally:
             self.tally.in_flight -= counted
             if counted:
@@ -117,7 +117,8 @@ class RequestAccounting:
                 self.metrics.observe_request(status, time.perf_counter() - start, reason)
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+async def send_error(send: Send, status: int, code: str, message: str) -> None:
+    """Sends a whole JSON error answer (:func:`error_response`)."""
     headers, body = error_response(status, code, message)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -73,10 +73,11 @@ class Prediction:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise, numerically stable softmax that keeps float32."""
-    z = logits - logits.max(axis=-1, keepdims=True)
+    """Row-wise, numerically stable softmax that keeps float32 (the ufuncs directly: their
+    methods' Python wrappers cost more than the arithmetic on a serving batch)."""
+    z = np.subtract(logits, np.maximum.reduce(logits, axis=-1, keepdims=True))
     np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
+    np.divide(z, np.add.reduce(z, axis=-1, keepdims=True), out=z)
     return z
 
 
@@ -207,7 +208,14 @@ class Predictor:
             raise InvalidInput(f"this model has no 'embedding' output (outputs: {self._outputs})")
         if nodes is not None:
             return self._predict_mixed(node_ids, nodes, return_embedding)
-        ids = as_node_ids(node_ids, self.num_nodes, self.max_batch)
+        return self.predict_ids(
+            as_node_ids(node_ids, self.num_nodes, self.max_batch), return_embedding
+        )
+
+    def predict_ids(self, ids: np.ndarray, return_embedding: bool = False) -> Prediction:
+        """:meth:`predict` of ids already checked (``[n]`` int64 in ``[0, num_nodes)``,
+        ``1 <= n <= max_batch``, e.g. by :func:`~.request_validation.as_node_ids`): the
+        serving path, which checks every request once when it parses it."""
         if self._answers is not None:
             return self._answers.predict(ids, return_embedding)
         names = ["logits", "embedding"] if return_embedding else ["logits"]

@@ -110,7 +110,8 @@ def build_http_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from abkd_deploy.serve.errors import RequestError, RequestTimeout
-    from abkd_deploy.serve.server import error_body, http_error, read_body
+    from abkd_deploy.serve.predict_endpoint import error_body
+    from abkd_deploy.serve.server import http_error, read_body
     from abkd_deploy.serve.wire import (
         BINARY_TYPE,
         JSON_TYPE,

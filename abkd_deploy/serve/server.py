@@ -46,13 +46,26 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from abkd_deploy.errors import ConfigError, ServeError
-from abkd_deploy.serve.accounting import ERROR_CODE_KEY, RequestAccounting, RequestTally
+from abkd_deploy.serve.accounting import (
+    ERROR_CODE_KEY,
+    Receive,
+    RequestAccounting,
+    RequestTally,
+    Scope,
+    Send,
+)
 from abkd_deploy.serve.batcher import MicroBatcher
-from abkd_deploy.serve.errors import BatchTooLarge, RequestError, RequestTimeout, Unavailable
+from abkd_deploy.serve.errors import RequestTimeout
 from abkd_deploy.serve.limits import HttpLimits, http_protocol, uvicorn_config
 from abkd_deploy.serve.metrics import CONTENT_TYPE, ServeMetrics
+from abkd_deploy.serve.predict_endpoint import (
+    ClientDisconnected,
+    PredictEndpoint,
+    receive_body,
+)
 from abkd_deploy.serve.predictor import Prediction, Predictor
 from abkd_deploy.serve.versions import (
     DEFAULT_POLL_S,
@@ -61,32 +74,12 @@ from abkd_deploy.serve.versions import (
     VersionMetrics,
     VersionWatcher,
 )
-from abkd_deploy.serve.wire import (
-    BINARY_TYPE,
-    JSON_TYPE,
-    BadRequest,
-    PredictRequest,
-    encode_binary,
-    encode_json,
-    parse_request,
-    wants_binary,
-)
+from abkd_deploy.serve.wire import PredictRequest, encode_binary, encode_json, parse_request
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_MAX_WAIT_MS = 2.0
-#: ``asyncio.timeout`` (Python 3.11+), else ``None``.
-_timeout = getattr(asyncio, "timeout", None)
-
-
-def error_body(exc: Exception, code: str) -> dict[str, Any]:
-    err: dict[str, Any] = {"code": code, "message": str(exc)}
-    if hasattr(exc, "values"):
-        err["values"] = exc.values
-    if isinstance(exc, BatchTooLarge):
-        err["size"], err["limit"] = exc.size, exc.limit
-    return {"error": err}
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -100,32 +93,35 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """Reads the body, refusing more than ``limit`` bytes (413) without buffering it all,
-    and a body that has not fully arrived after ``timeout_s`` seconds (408)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise BadRequest(f"body has {length} bytes; at most {limit} are allowed", 413, "too_large")
-
-    async def read() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(f"body exceeds {limit} bytes", 413, "too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
+    """:func:`~abkd_deploy.serve.predict_endpoint.receive_body` for a framework ``Request``
+    (413 beyond ``limit`` bytes, 408 after ``timeout_s``)."""
+    length = request.headers.get("content-length")
     try:
-        if _timeout is None:  # Python 3.10
-            return await asyncio.wait_for(read(), timeout_s)
-        # a deadline on this task: no extra task and loop iterations per request, which
-        # wait_for costs (~0.1 ms of a ~0.8 ms request on a busy 2-core machine)
-        async with _timeout(timeout_s):
-            return await read()
-    except asyncio.TimeoutError:
-        raise RequestTimeout(
-            f"the request body did not arrive within {timeout_s:g} s; closing the connection"
-        ) from None
+        return await receive_body(
+            request.receive, None if length is None else length.encode(), limit, timeout_s
+        )
+    except ClientDisconnected:
+        raise RequestTimeout("the client closed the connection before its body arrived") from None
+
+
+class ServingApp(FastAPI):
+    """The serving app: FastAPI, except that ``POST /v1/predict`` goes straight to its
+    :class:`~abkd_deploy.serve.predict_endpoint.PredictEndpoint` (no middleware, routing
+    or request object on the hot path; the endpoint does its own accounting)."""
+
+    predict_endpoint: PredictEndpoint | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.predict_endpoint
+        if (
+            endpoint is not None
+            and scope["type"] == "http"
+            and scope["path"] == "/v1/predict"
+            and scope["method"] == "POST"
+        ):
+            await endpoint(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -136,7 +132,7 @@ def create_app(
     max_queue: int = 10_000,
     body_timeout_s: float = HttpLimits.body_timeout_s,
     min_batch: int = 1,
-) -> FastAPI:
+) -> ServingApp:
     """Builds the serving app (the batcher starts and drains with the app's lifespan).
 
     Args:
@@ -192,7 +188,7 @@ def create_app(
         def run_batch(ids: Any) -> Prediction:
             start = time.perf_counter()
             wanted = embedding_wanted[0] > 0 and model.has_embedding
-            pred = model.predict(ids, return_embedding=wanted)
+            pred = model.predict_ids(ids, return_embedding=wanted)  # checked when parsed
             metrics.observe_batch(len(pred), time.perf_counter() - start)
             return pred
 
@@ -211,7 +207,7 @@ def create_app(
             await asyncio.to_thread(models.close)
             log.info("micro-batcher drained")
 
-    app = FastAPI(
+    app = ServingApp(
         title="abkd-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.metrics = metrics
@@ -249,25 +245,17 @@ def create_app(
         limits = None if model.new_nodes is None else model.new_nodes.limits
         return parse_request(body, model.num_nodes, max_ids, with_embedding, limits)
 
-    @app.post("/v1/predict")
-    async def predict(request: Request) -> Response:
-        try:
-            body = await read_body(request, max_body, body_timeout_s)
-            served, req, pred = await models.apredict(
-                lambda served: parse_for(served, body),
-                run_request,
-            )
-        except (RequestError, Unavailable) as exc:
-            request.scope[ERROR_CODE_KEY] = exc.code
-            headers = None
-            if isinstance(exc, RequestTimeout) or exc.code == "too_large":
-                headers = {"connection": "close"}  # the rest of the body may still come
-            return JSONResponse(error_body(exc, exc.code), exc.http_status, headers=headers)
+    async def answer(body: bytes, binary: bool) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        served, req, pred = await models.apredict(lambda s: parse_for(s, body), run_request)
         version = served.version
-        headers = None if version is None else {"x-model-version": str(version)}
-        if wants_binary(request.headers.get("accept", "")):
-            return Response(encode_binary(pred, req), media_type=BINARY_TYPE, headers=headers)
-        return Response(encode_json(pred, req, version), media_type=JSON_TYPE, headers=headers)
+        headers = [] if version is None else [(b"x-model-version", b"%d" % version)]
+        if binary:
+            return encode_binary(pred, req), headers
+        return encode_json(pred, req, version), headers
+
+    endpoint = PredictEndpoint(answer, metrics, tally, max_body, body_timeout_s)
+    app.predict_endpoint = endpoint
+    app.router.routes.append(Route("/v1/predict", endpoint, methods=["POST"]))
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:

@@ -194,7 +194,7 @@ def test_internal_error_is_json_500_and_counted(embedded_dir: Path) -> None:
     def broken(ids, return_embedding=False):
         raise RuntimeError("boom")
 
-    predictor.predict = broken  # type: ignore[method-assign]
+    predictor.predict_ids = broken  # type: ignore[method-assign]
     with LiveServer(create_app(predictor, max_batch=64)) as server:
         c = server.connect()
         status, payload, headers = c.request("POST", "/v1/predict", {"node_ids": [1]})
