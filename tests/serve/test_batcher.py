@@ -394,3 +394,40 @@ def test_worker_death_answers_everyone() -> None:
     with pytest.raises(Unavailable, match="shut down"):
         b.submit([5])
     b.close(timeout=10)
+
+
+def test_inline_request_on_an_idle_model_runs_before_the_caller_yields() -> None:
+    model = Gated(hold=0)
+    ran_between: list[bool] = []
+
+    async def main(b: MicroBatcher) -> list:
+        loop = asyncio.get_running_loop()
+        flag = []
+        loop.call_soon(flag.append, True)  # runs at the first loop iteration
+        got = await b.apredict([4])
+        ran_between.append(bool(flag))
+        return got.tolist()
+
+    with MicroBatcher(model, max_batch=64, max_wait_ms=5000, inline_ids=8) as b:
+        assert asyncio.run(main(b)) == [40]
+    assert ran_between == [False], "the run should not have waited for a loop iteration"
+    assert model.threads == [threading.main_thread()]
+
+
+def test_inline_requests_arriving_faster_than_runs_are_gathered() -> None:
+    def slow(ids: np.ndarray) -> np.ndarray:
+        time.sleep(0.05)  # the last run took 50 ms: requests now come faster than that
+        return ids * 10
+
+    model = Gated(slow, hold=0)
+
+    async def main(b: MicroBatcher) -> list:
+        first = await b.apredict([1])  # idle model: runs at once
+        rest = await asyncio.gather(*(b.apredict([i]) for i in range(2, 6)))
+        big = await b.apredict(list(range(9)))  # above inline_ids: never inline
+        return [first.tolist(), *[r.tolist() for r in rest], big.tolist()]
+
+    with MicroBatcher(model, max_batch=64, max_wait_ms=5000, inline_ids=8) as b:
+        answers = asyncio.run(main(b))
+    assert answers == [[10], [20], [30], [40], [50], [i * 10 for i in range(9)]]
+    assert model.sizes == [1, 4, 9], "the four quick followers should share one run"
