@@ -7,7 +7,8 @@ headers: a connection that sends nothing, or half a request line, stays open for
 :class:`BoundedH11Protocol` and :class:`BoundedHttpToolsProtocol` (the faster parser,
 used when httptools is installed; it also gets h11's header size bound) add that deadline;
 the body read deadline is enforced by the app (``create_app(body_timeout_s=...)`` answers
-408). uvloop is used when installed.
+408). Beyond ``max_connections`` both answer a JSON 503 ``overloaded`` instead of uvicorn's
+plain text. uvloop is used when installed.
 """
 
 from __future__ import annotations
@@ -104,7 +105,48 @@ class _HeaderDeadline:
             self.transport.close()  # no new request arrived in time
 
 
-class BoundedH11Protocol(_HeaderDeadline, H11Protocol):
+async def _overloaded(scope: Any, receive: Any, send: Any) -> None:
+    """The answer beyond ``--max-connections``: a JSON 503 (uvicorn's own is plain text)."""
+    from abkd_deploy.serve.accounting import send_error
+
+    msg = "the server is at its connection limit (--max-connections); retry later"
+    await send_error(send, 503, "overloaded", msg)
+
+
+class _JsonOverload:
+    """Mixin for a uvicorn HTTP protocol: over the concurrency limit, a JSON 503.
+
+    uvicorn checks ``limit_concurrency`` when a request's headers are complete and then
+    runs its plain-text ``service_unavailable`` app instead of ``self.app``. This mixin
+    takes the limit over (uvicorn's own check is switched off) and makes ``self.app``,
+    which uvicorn reads right there, :func:`_overloaded` while the same bound is exceeded.
+    """
+
+    connections: Any
+    tasks: Any
+    logger: Any
+    limit_concurrency: int | None
+    _app: Any = None
+    _max_concurrency: int | None = None
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        self._max_concurrency, self.limit_concurrency = self.limit_concurrency, None
+
+    @property
+    def app(self) -> Any:
+        limit = self._max_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            self.logger.warning("Exceeded concurrency limit.")
+            return _overloaded
+        return self._app
+
+    @app.setter
+    def app(self, app: Any) -> None:
+        self._app = app
+
+
+class BoundedH11Protocol(_JsonOverload, _HeaderDeadline, H11Protocol):
     """uvicorn's pure-Python h11 protocol with the header deadline (h11 bounds header size)."""
 
 
@@ -114,7 +156,7 @@ def _httptools_protocol() -> type | None:
     except ImportError:  # httptools not installed
         return None
 
-    class BoundedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
+    class BoundedHttpToolsProtocol(_JsonOverload, _HeaderDeadline, HttpToolsProtocol):
         """uvicorn's httptools (llhttp) protocol with the header deadline and h11's header
         size bound: llhttp itself buffers headers without limit.
 

@@ -153,14 +153,15 @@ def test_client_reconnects_after_the_server_closed_an_idle_connection(live: Live
     c.close()
 
 
-def test_connection_bound(embedded_dir: Path) -> None:
+@pytest.mark.parametrize("parser", PARSERS)
+def test_connection_bound(embedded_dir: Path, parser: str) -> None:
     predictor = Predictor(embedded_dir, device="cpu", threads=1, max_batch=64)
     limits = HttpLimits(max_connections=2)
-    with LiveServer(create_app(predictor, max_batch=64), limits=limits) as server:
+    with LiveServer(create_app(predictor, max_batch=64), limits=limits, http=parser) as server:
         held = [_connect(server.port) for _ in range(2)]
         time.sleep(0.2)
         c = server.connect()
-        status, _, _ = c.request("GET", "/healthz")
+        status, payload, headers = c.request("GET", "/healthz")
         c.close()
         for sock in held:
             sock.close()
@@ -169,6 +170,8 @@ def test_connection_bound(embedded_dir: Path) -> None:
         after, _, _ = c.request("GET", "/healthz")
         c.close()
     assert (status, after) == (503, 200)
+    assert headers["content-type"] == "application/json"
+    assert payload["error"]["code"] == "overloaded"
 
 
 @pytest.mark.parametrize(
