@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from abkd_deploy.data.csr import edge_weights, self_weights
-from abkd_deploy.data.ell import TreeBlock
 from abkd_deploy.export.adjacency import ExportContext, ExportSpec, spec
 from abkd_deploy.models.base import GNN, LayerStack
 
@@ -98,34 +97,56 @@ class NewNodeStudent(nn.Module):
         Returns:
             ``(logits [M, C], embedding [M, d])``.
         """
-        m = features.size(0)
-        valid = neighbors >= 0
-        safe = torch.where(valid, neighbors, torch.zeros_like(neighbors))
+        dtype = features.dtype
+        valid = (neighbors >= 0).to(dtype)  # [M, K]
+        safe = neighbors.clamp(min=0)
         in_degree = valid.sum(1, keepdim=True)  # [M, 1]: |S|, edges S -> v
+        width = neighbors.size(1)
+        # per fanout k: (flat ids [M * k], weights [M, 1, k]); layers of one fanout share them
+        slots: dict[int, tuple[Tensor, Tensor]] = {}
         act = getattr(F, self.student.activation)
         h, embedding = features, features
         for index, layer in enumerate(self.student.layers):
-            k = self.fanouts[index]
-            nbr, mask = safe[:, :k], valid[:, :k]
+            k = min(self.fanouts[index], width)
+            if k not in slots:
+                slots[k] = self._slots(safe, valid, in_degree, k)
+            flat, w = slots[k]
             state = getattr(self, f"state_{index}")
-            count = mask.sum(1, keepdim=True)
-            w = edge_weights(self.norm, in_degree, self.degree[nbr], count) * mask
-            sw = self_weights(self.norm, in_degree.squeeze(1))
-            rows = state.index_select(0, nbr.reshape(-1)).reshape(m, k, -1).to(h.dtype)
-            # gcn/sage aggregate linearly: sum the weighted neighbour rows first, then let
-            # the layer see one pre-summed slot of weight 1 (its per-row maps then run on
-            # 2 rows per node instead of 1 + k)
-            summed = (w.to(h.dtype).unsqueeze(2) * rows).sum(1, keepdim=True)  # [M, 1, F_l]
-            src = torch.cat([h.unsqueeze(1), summed], 1).reshape(2 * m, -1)  # tree rows
-            op = TreeBlock(
-                torch.ones_like(w[:, :1], dtype=h.dtype), None if sw is None else sw.to(h.dtype)
-            )
-            out = layer(src, op)
+            rows = state.index_select(0, flat).reshape(h.size(0), k, -1).to(dtype)
+            # gcn/sage aggregate linearly: one weighted sum of the neighbour rows, then the
+            # layer's maps on [M, F_l] rows (two Gemms) instead of on 1 + k rows per node
+            summed = torch.matmul(w, rows).squeeze(1)  # [M, F_l]
+            out = self._combine(layer, summed, h, in_degree)
             if index < self.student.num_layers - 1:
                 embedding = h = act(out)
             else:
                 h = out
         return h, embedding if self.student.num_layers > 1 else h
+
+    def _slots(
+        self, safe: Tensor, valid: Tensor, in_degree: Tensor, k: int
+    ) -> tuple[Tensor, Tensor]:
+        """``(ids [M * k], weights [M, 1, k])`` of the first ``k`` slots, weighed as the
+        export's tables are (:func:`~abkd_deploy.data.csr.edge_weights`; 0 on padding)."""
+        count = in_degree
+        if k < safe.size(1):
+            safe, valid = safe[:, :k], valid[:, :k]
+            count = valid.sum(1, keepdim=True)
+        if self.norm == "mean":  # the same as edge_weights, without its ones
+            w = valid / count.clamp(min=1)
+        else:
+            deg = self.degree.index_select(0, safe.reshape(-1)).reshape(safe.shape)
+            w = edge_weights(self.norm, in_degree, deg, count).to(valid.dtype) * valid
+        return safe.reshape(-1), w.unsqueeze(1)
+
+    def _combine(self, layer: nn.Module, summed: Tensor, h: Tensor, in_degree: Tensor) -> Tensor:
+        """Layer output from the weighted neighbour sum [M, F_l] and the node's own row."""
+        if self.student.arch == "sage":  # lin_l(sum) + lin_r(h)
+            return F.linear(summed, layer.lin_l.weight, layer.lin_l.bias) + F.linear(
+                h, layer.lin_r.weight
+            )
+        sw = self_weights(self.norm, in_degree).to(h.dtype)  # gcn: (sum + sw h) W + b
+        return F.linear(summed + sw * h, layer.lin.weight) + layer.bias
 
 
 def new_node_module(ctx: ExportContext) -> NewNodeStudent:
