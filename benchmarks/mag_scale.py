@@ -194,6 +194,7 @@ def stage_export(a: argparse.Namespace) -> None:
                 k: v for k, v in manifest.get("adjacency", {}).items() if not isinstance(v, dict)
             },
             "accuracy": manifest.get("accuracy"),
+            "timings": manifest.get("timings"),
         },
     )
 

@@ -24,7 +24,8 @@ from abkd_deploy.data.typed_blocks import TypedBlock, relation_csr
 from abkd_deploy.data.typed_graph import Relation, TypedGraph, relation_key
 from abkd_deploy.data.typed_sampler import TypedNeighborSampler
 from abkd_deploy.errors import CheckpointError, ConfigError
-from abkd_deploy.export.adjacency import MAX_TREE_ROWS, AdjacencyFormat, ExportContext, batched
+from abkd_deploy.export.adjacency import MAX_TREE_ROWS, AdjacencyFormat, ExportContext
+from abkd_deploy.export.typed_reference import exact_sources, layerwise_logits, table_sources
 from abkd_deploy.models.base import GNN
 from abkd_deploy.models.typed import TypedGNN, parameter_counts
 from abkd_deploy.scoring import score
@@ -148,24 +149,22 @@ def typed_export_context(
     )
 
 
-@torch.no_grad()
 def typed_student_logits(ctx: TypedExportContext, exact_graph: bool) -> np.ndarray:
-    """The PyTorch student's logits on ``eval_ids``: on the export's tables (sampled
-    typed blocks), or on the exact graph (``exact_graph``)."""
+    """The PyTorch student's logits on ``eval_ids``: on the export's tables, or on the
+    exact graph (``exact_graph``); layer by layer over the scored papers' receptive
+    field, in bounded row chunks (:mod:`.typed_reference`)."""
     student, data = ctx.student, ctx.data
     if exact_graph:
-        return full_graph_logits(student, data)[ctx.eval_ids].numpy()
-
-    def batch(ids: Tensor) -> np.ndarray:
-        b = ctx.sampler.sample(ids)
-        return student(student.inputs(data, b.n_id), b.blocks)[0].float().numpy()
-
-    return batched(ctx, batch)
+        sources = exact_sources(data, student.norm, student.num_layers)
+    else:
+        sources = table_sources(ctx.tables, student.norm)
+    return layerwise_logits(student, data, sources, ctx.eval_ids).numpy()
 
 
 @torch.no_grad()
 def full_graph_logits(student: TypedGNN, data: TypedGraph) -> Tensor:
-    """[N_target, C] logits of the student on the whole typed graph (sparse, exact)."""
+    """[N_target, C] logits of the student on the whole typed graph (one sparse forward;
+    small graphs and tests: its memory is the whole graph at every layer's width)."""
     return student(student.inputs(data), TypedBlock.full_graph(data, student.norm))[0].float()
 
 
