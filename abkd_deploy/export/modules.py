@@ -131,12 +131,16 @@ class FactoredTableBlock(TableBlock):
     A ``mean`` slot weight is ``1 / count`` of the destination on valid slots and 0 on
     padding, so the weighted sum is a plain sum times one scale per destination when the
     padding slots read an all-zero row: the source table holds one extra zero row (id
-    ``N``) and the padding slots point to it. No weight table is gathered and the sum is
-    a ``ReduceSum`` instead of a batched ``[n, 1, K] x [n, K, C]`` MatMul.
+    ``N``) and the padding slots point to it. No weight table is gathered, and the sum
+    over the ``K`` rows is one 2-D MatMul of the flattened ``[n, K * F]`` rows with
+    ``summing`` (``K`` stacked ``F x F`` identities) instead of a batched
+    ``[n, 1, K] x [n, K, F]`` MatMul. (onnxruntime 1.32 on CPU, batch 1024, F = 5:
+    ``ReduceSum`` over the middle axis took 231 us, this MatMul 34 us; docs/BENCHMARKS.md.)
 
     Args:
         nbr: [n, K] int64 global neighbour ids, padding = ``N`` (the zero row).
         scale: [n, 1] per-destination scale (``1 / max(count, 1)``).
+        summing: [K * F, F] stacked identities (:func:`summing_matrix`).
         dst_ids: [n] int64 global ids of the destinations.
         dst_table: see :class:`TableBlock`.
         src_table: see :class:`TableBlock` (its row ``N`` is zero as well).
@@ -146,16 +150,23 @@ class FactoredTableBlock(TableBlock):
         self,
         nbr: Tensor,
         scale: Tensor,
+        summing: Tensor,
         dst_ids: Tensor,
         dst_table: Tensor | None = None,
         src_table: Tensor | None = None,
     ) -> None:
         super().__init__(nbr, scale, None, dst_ids, dst_table, src_table)
-        self.scale = scale
+        self.scale, self.summing = scale, summing
 
     def neighbors(self, h: Tensor) -> Tensor:
         g = self.gather(h)  # [n, K, F]; padding slots are zero rows
-        return g.sum(1) * self.scale.to(g.dtype)
+        flat = g.reshape(g.size(0), -1)  # [n, K * F]
+        return (flat @ self.summing.to(g.dtype)) * self.scale.to(g.dtype)
+
+
+def summing_matrix(fanout: int, width: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[K * F, F] ``K`` stacked ``F x F`` identities: ``flat @ it`` sums the ``K`` rows."""
+    return torch.eye(width, dtype=dtype).repeat(fanout, 1).contiguous()
 
 
 def factored_table(table: FanoutTable) -> tuple[Tensor, Tensor]:
@@ -194,8 +205,8 @@ class EmbeddedStudent(nn.Module):
     :data:`TABLE_FIRST_ARCHS`) or runs on the materialised level 0 (``features`` rows of
     every level-0 node). Shapes stay static per batch size. A table-first ``sage`` layer
     1 is factored (:class:`FactoredTableBlock`): ``features`` gets one extra zero row
-    (id ``N``) that the padding slots of ``nbr_1`` point to, and ``scale_1`` ([N, 1])
-    replaces ``weight_1``.
+    (id ``N``) that the padding slots of ``nbr_1`` point to, ``scale_1`` ([N, 1])
+    replaces ``weight_1`` and ``sum_1`` ([K_1 * F', F']) sums the gathered rows.
 
     Args:
         student: Trained student, normally with its first map folded into ``features``
@@ -244,6 +255,7 @@ class EmbeddedStudent(nn.Module):
                 nbr, scale = factored_table(table)
                 self.register_buffer("nbr_1", nbr.to(index_dtype).contiguous())
                 self.register_buffer("scale_1", scale.to(dtype).contiguous())
+                self.register_buffer("sum_1", summing_matrix(table.fanout, features.size(1), dtype))
                 continue
             w, sw = table.weights(student.norm)
             self.register_buffer(f"nbr_{layer}", table.nbr.to(index_dtype).contiguous())
@@ -287,7 +299,9 @@ class EmbeddedStudent(nn.Module):
             if layer == 1 and self.factored:
                 src = None if isinstance(self.features, Tensor) else self.features
                 scale = self.scale_1.index_select(0, dst)
-                blocks.append(FactoredTableBlock(nbrs[0], scale, dst, self.dst_features, src))
+                blocks.append(
+                    FactoredTableBlock(nbrs[0], scale, self.sum_1, dst, self.dst_features, src)
+                )
                 continue
             w = getattr(self, f"weight_{layer}").index_select(0, dst)
             sw = None

@@ -16,6 +16,7 @@ from abkd_deploy.export.modules import (
     FactoredTableBlock,
     TableBlock,
     factored_table,
+    summing_matrix,
 )
 from abkd_deploy.models import build_model
 
@@ -98,7 +99,8 @@ def test_factored_table_block_equals_weighted_table_block():
     assert fnbr.tolist() == [[1, 2, 3], [0, 3, 3], [3, 3, 3]]  # padding = N, the zero row
     assert scale.flatten().tolist() == [0.5, 1.0, 1.0]
     padded = torch.cat([h, h.new_zeros((1, 4))])
-    factored = FactoredTableBlock(fnbr[ids], scale[ids], ids).neighbors(padded)
+    summing = summing_matrix(3, 4)
+    factored = FactoredTableBlock(fnbr[ids], scale[ids], summing, ids).neighbors(padded)
     assert torch.allclose(plain, factored, atol=1e-7)
     assert factored[0].abs().max() == 0  # the isolated node sums zero rows only
 
