@@ -85,15 +85,23 @@ def build_exports(num_nodes: int, workdir: Path, epochs: int) -> tuple[Path, Pat
 
 
 def tables(export_dir: Path) -> dict[str, np.ndarray]:
-    """The model's initializers by name."""
+    """The model's initializers by name, and by buffer name where the manifest maps an
+    initializer to one (the exporter may rename a table: ``last.features`` -> ``clone``)."""
     model = onnx.load(str(export_dir / "model.onnx"))
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    for init, buffer in (manifest.get("live_graph") or {}).get("tables", {}).items():
+        out.setdefault(buffer, out[init])
+    return out
 
 
 def numpy_gather(export_dir: Path) -> Callable[[np.ndarray], Any]:
-    """``np.take`` of the rows a precomputed export's logits read, for a batch of ids."""
+    """``np.take`` of the rows a precomputed export's logits read, for a batch of ids:
+    the neighbour ids, the slot weights ``[B, K]`` (or, factored ``sage`` layout, the
+    per-destination scales ``[B, 1]``), the ``K`` feature rows and the destination rows."""
     t = tables(export_dir)
-    nbr, weight, feats = t["last.nbr_1"], t["last.weight_1"], t["last.features"]
+    nbr, feats = t["last.nbr_1"], t["last.features"]
+    weight = t["last.weight_1"] if "last.weight_1" in t else t["last.scale_1"]
     self_w, dst = t.get("last.self_weight_1"), t.get("last.dst_features", feats)
 
     def gather(ids: np.ndarray) -> Any:

@@ -59,6 +59,9 @@ class ExportContext:
         states: ``embedded`` ``gcn``/``sage``: the layer states ``H^1..H^{L-1}`` over
             ``tables``, computed once on first use (:meth:`layer_states`) and shared by the
             precomputed main graph and the new-node graph.
+        factor: ``embedded`` ``sage``: factor a table-read layer 1's mean weights into one
+            scale per destination (:class:`~.modules.FactoredTableBlock`); ``refresh``
+            turns it off for a parent exported before that layout.
     """
 
     student: GNN
@@ -70,6 +73,7 @@ class ExportContext:
     dtype: str = "float32"
     precompute: bool | str = False
     states: list[Tensor] | None = None
+    factor: bool = True
 
     #: A typed student on a typed graph (:class:`.typed_context.TypedExportContext`).
     typed: ClassVar[bool] = False

@@ -28,6 +28,7 @@ from abkd_deploy.export.formats import Runner
 from abkd_deploy.export.modules import TABLE_FIRST_ARCHS, EmbeddedStudent
 from abkd_deploy.export.precompute import (
     OUTPUT_CHUNK,
+    PrecomputedStudent,
     can_precompute,
     output_tables,
     precompute_mode,
@@ -56,13 +57,19 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
             index_dtype=index_dtype,
             dst_features=folded.dst_features,
             table_first=table_first,
+            factor=ctx.factor,
         )
         features, layout = folded.features, "first_linear_folded"
     tree, precomputed = module, 0
     mode = precompute_mode(ctx.precompute, "embedded")
     if mode != "none" and can_precompute(student):
         module = precompute_student(
-            student, ctx.data.x, ctx.tables, index_dtype, hidden=ctx.layer_states()[-1]
+            student,
+            ctx.data.x,
+            ctx.tables,
+            index_dtype,
+            hidden=ctx.layer_states()[-1],
+            factor=ctx.factor,
         )
         features, layout = module.last.features, "precomputed"
         precomputed = student.num_layers - 1
@@ -70,6 +77,9 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
         module = output_tables(module.eval(), n_nodes, ctx.batch_limit(OUTPUT_CHUNK))
         features, layout = module.logits_table, "outputs"
         precomputed = student.num_layers
+    # the EmbeddedStudent that reads a table in its layer 1 (none for a lookup)
+    embedded = module.last if isinstance(module, PrecomputedStudent) else module
+    factored = bool(getattr(embedded, "factored", False))
     params = {
         "layout": "lookup" if mode == "all" else "tree",
         "index_dtype": str(index_dtype).removeprefix("torch."),
@@ -77,6 +87,7 @@ def build_embedded(ctx: ExportContext) -> ExportSpec:
         "feature_width": int(features.size(1)),
         "dst_features": module.dst_features is not None,
         "first_layer": "table" if precomputed or module.table_first else "tree",
+        "table_weights": "scale" if factored else "slots",
         "precomputed_layers": precomputed,
         "precompute": mode if precomputed else "none",
     }

@@ -125,6 +125,68 @@ class TableBlock(EllBlock):
         return (h if table is None else table).index_select(0, self.dst_ids)
 
 
+class FactoredTableBlock(TableBlock):
+    """:class:`TableBlock` of a ``mean`` aggregation, with the slot weights factored.
+
+    A ``mean`` slot weight is ``1 / count`` of the destination on valid slots and 0 on
+    padding, so the weighted sum is a plain sum times one scale per destination when the
+    padding slots read an all-zero row: the source table holds one extra zero row (id
+    ``N``) and the padding slots point to it. No weight table is gathered, and the sum
+    over the ``K`` rows is one 2-D MatMul of the flattened ``[n, K * F]`` rows with
+    ``summing`` (``K`` stacked ``F x F`` identities) instead of a batched
+    ``[n, 1, K] x [n, K, F]`` MatMul. (onnxruntime 1.32 on CPU, batch 1024, F = 5:
+    ``ReduceSum`` over the middle axis took 231 us, this MatMul 34 us; docs/BENCHMARKS.md.)
+
+    Args:
+        nbr: [n, K] int64 global neighbour ids, padding = ``N`` (the zero row).
+        scale: [n, 1] per-destination scale (``1 / max(count, 1)``).
+        summing: [K * F, F] stacked identities (:func:`summing_matrix`).
+        dst_ids: [n] int64 global ids of the destinations.
+        dst_table: see :class:`TableBlock`.
+        src_table: see :class:`TableBlock` (its row ``N`` is zero as well).
+    """
+
+    def __init__(
+        self,
+        nbr: Tensor,
+        scale: Tensor,
+        summing: Tensor,
+        dst_ids: Tensor,
+        dst_table: Tensor | None = None,
+        src_table: Tensor | None = None,
+    ) -> None:
+        super().__init__(nbr, scale, None, dst_ids, dst_table, src_table)
+        self.scale, self.summing = scale, summing
+
+    def neighbors(self, h: Tensor) -> Tensor:
+        g = self.gather(h)  # [n, K, F]; padding slots are zero rows
+        flat = g.reshape(g.size(0), -1)  # [n, K * F]
+        return (flat @ self.summing.to(g.dtype)) * self.scale.to(g.dtype)
+
+
+def summing_matrix(fanout: int, width: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[K * F, F] ``K`` stacked ``F x F`` identities: ``flat @ it`` sums the ``K`` rows."""
+    return torch.eye(width, dtype=dtype).repeat(fanout, 1).contiguous()
+
+
+def factored_table(table: FanoutTable) -> tuple[Tensor, Tensor]:
+    """The layer-1 operands of :class:`FactoredTableBlock` for a ``mean`` table.
+
+    Returns:
+        ``(nbr, scale)``: [N, K] int64 ids with padding = ``N`` (the extra zero row of the
+        source table) and [N, 1] float32 ``1 / max(count, 1)``.
+    """
+    n = table.nbr.size(0)
+    nbr = torch.where(table.mask, table.nbr, torch.full_like(table.nbr, n))
+    scale = 1.0 / table.count.clamp(min=1).to(torch.float32)
+    return nbr, scale.unsqueeze(1)
+
+
+#: Archs whose layer 1 gets :class:`FactoredTableBlock` (``mean`` aggregation read
+#: through the operand alone) when it gathers straight from the stored table.
+FACTORED_ARCHS = ("sage",)
+
+
 #: Archs whose (folded) first layer reads its input only through the operand, so layer 1
 #: can gather straight from the stored table (:class:`TableBlock`). Others (``gat``
 #: computes attention scores on every input row, ``gcnii`` applies ReLU to them) get a
@@ -141,7 +203,10 @@ class EmbeddedStudent(nn.Module):
     ``l - 1`` to one (:class:`TreeBlock`, reshapes only). Layer 1 either gathers its
     neighbours straight from ``features`` (:class:`TableBlock`, archs in
     :data:`TABLE_FIRST_ARCHS`) or runs on the materialised level 0 (``features`` rows of
-    every level-0 node). Shapes stay static per batch size.
+    every level-0 node). Shapes stay static per batch size. A table-first ``sage`` layer
+    1 is factored (:class:`FactoredTableBlock`): ``features`` gets one extra zero row
+    (id ``N``) that the padding slots of ``nbr_1`` point to, ``scale_1`` ([N, 1])
+    replaces ``weight_1`` and ``sum_1`` ([K_1 * F', F']) sums the gathered rows.
 
     Args:
         student: Trained student, normally with its first map folded into ``features``
@@ -153,6 +218,9 @@ class EmbeddedStudent(nn.Module):
         dst_features: [N, F'] destination rows of layer 1 (folded ``sage``), or None.
         table_first: Use :class:`TableBlock` for layer 1 (requires a folded student of
             an arch in :data:`TABLE_FIRST_ARCHS`).
+        factor: With ``table_first``, a :class:`FactoredTableBlock` for an arch in
+            :data:`FACTORED_ARCHS` (``False``: the slot weights, the layout of older
+            exports).
     """
 
     def __init__(
@@ -163,13 +231,19 @@ class EmbeddedStudent(nn.Module):
         index_dtype: torch.dtype = torch.int64,
         dst_features: Tensor | None = None,
         table_first: bool = False,
+        factor: bool = True,
     ) -> None:
         super().__init__()
         self.student = student.eval()
         self.num_layers = student.num_layers
         self.with_self = uses_self_weight(student)
         self.table_first = table_first
+        self.factored = (
+            factor and table_first and student.arch in FACTORED_ARCHS and student.norm == "mean"
+        )
         dtype = features.dtype
+        if self.factored:  # the zero row that the padding slots of nbr_1 read
+            features = torch.cat([features, features.new_zeros((1, features.size(1)))])
         self.register_buffer("features", features.contiguous())
         self.dst_features: Tensor | None
         if dst_features is not None:
@@ -177,6 +251,12 @@ class EmbeddedStudent(nn.Module):
         else:
             self.dst_features = None
         for layer, table in enumerate(tables, start=1):
+            if layer == 1 and self.factored:
+                nbr, scale = factored_table(table)
+                self.register_buffer("nbr_1", nbr.to(index_dtype).contiguous())
+                self.register_buffer("scale_1", scale.to(dtype).contiguous())
+                self.register_buffer("sum_1", summing_matrix(table.fanout, features.size(1), dtype))
+                continue
             w, sw = table.weights(student.norm)
             self.register_buffer(f"nbr_{layer}", table.nbr.to(index_dtype).contiguous())
             self.register_buffer(f"weight_{layer}", w.to(dtype).contiguous())
@@ -216,6 +296,13 @@ class EmbeddedStudent(nn.Module):
         blocks: list[EllBlock | TreeBlock] = []
         for layer in range(1, self.num_layers + 1):
             dst = levels[layer]
+            if layer == 1 and self.factored:
+                src = None if isinstance(self.features, Tensor) else self.features
+                scale = self.scale_1.index_select(0, dst)
+                blocks.append(
+                    FactoredTableBlock(nbrs[0], scale, self.sum_1, dst, self.dst_features, src)
+                )
+                continue
             w = getattr(self, f"weight_{layer}").index_select(0, dst)
             sw = None
             if self.with_self:

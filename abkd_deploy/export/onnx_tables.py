@@ -6,8 +6,10 @@ are initializers named after the export-form module's buffers (``hidden``,
 never the graph: so it rewrites the initializers of the parent's file instead of tracing
 the model again. The exporter may rename a buffer it rewrites (``last.features`` can
 become ``clone``), so the export records which initializer holds which buffer, found by
-content (:func:`initializer_tables`). Every initializer with the parent's row count must be
-replaced, or the file is refused (a table the refresh does not know would keep stale rows).
+content (:func:`initializer_tables`). Every initializer with the parent's row count (or one
+more: a source table with the extra zero row of a factored ``mean`` layer,
+:class:`~abkd_deploy.export.modules.FactoredTableBlock`) must be replaced, or the file is
+refused (a table the refresh does not know would keep stale rows).
 """
 
 from __future__ import annotations
@@ -94,15 +96,16 @@ def read_initializers(graph: Graph, names: Sequence[str]) -> dict[str, np.ndarra
 def initializer_tables(path: Path, module: nn.Module, num_rows: int) -> dict[str, str]:
     """``{initializer name: buffer name}`` for the per-node tables of an exported file.
 
-    An initializer with ``num_rows`` rows is matched to the buffer of ``module`` (the module
-    the file was exported from) with the same dtype, shape and values; one without a match
-    is left out (a refresh then refuses the file).
+    An initializer with ``num_rows`` rows (or ``num_rows + 1``: :func:`is_node_table`) is
+    matched to the buffer of ``module`` (the module the file was exported from) with the
+    same dtype, shape and values; one without a match is left out (a refresh then refuses
+    the file).
     """
     model = onnx.load(str(path))
     buffers = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
     names = {}
     for init in model.graph.initializer:
-        if not init.dims or init.dims[0] != num_rows:
+        if not is_node_table(list(init.dims), num_rows):
             continue
         arr = numpy_helper.to_array(init)
         if init.name in buffers and _same(buffers[init.name], arr):
@@ -112,6 +115,12 @@ def initializer_tables(path: Path, module: nn.Module, num_rows: int) -> dict[str
         if match is not None:
             names[init.name] = match
     return names
+
+
+def is_node_table(dims: Sequence[int], num_rows: int) -> bool:
+    """Whether an initializer of shape ``dims`` is a per-node table of a ``num_rows``-node
+    graph: ``num_rows`` rows, or one more (a source table with its extra zero row)."""
+    return bool(dims) and dims[0] in (num_rows, num_rows + 1)
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -146,8 +155,8 @@ def rewrite_initializers(
         values: New values by buffer name. Each must keep its initializer's dtype and
             every dimension but the first.
         names: ``{initializer name: buffer name}`` of the tables (:func:`initializer_tables`).
-        old_rows: The parent's node count: every initializer with that many rows must be
-            in ``values``.
+        old_rows: The parent's node count: every initializer with that many rows (or one
+            more) must be in ``values``.
 
     Returns:
         The files written (``dst`` and possibly its ``.data``) and the output names.
@@ -176,7 +185,7 @@ def rewrite_initializers(
                     out,
                     data.name,
                 )
-            elif dims and dims[0] == old_rows:
+            elif is_node_table(dims, old_rows):
                 raise ExportError(
                     f"{label}: initializer {init.name!r} {dims} looks like a per-node table "
                     "this refresh does not rebuild; re-export instead of refreshing"
@@ -223,7 +232,7 @@ def _drop_stale_shapes(graph: onnx.GraphProto, old_rows: int) -> None:
     keep = [
         vi
         for vi in graph.value_info
-        if not any(d.dim_value == old_rows for d in vi.type.tensor_type.shape.dim)
+        if not any(d.dim_value in (old_rows, old_rows + 1) for d in vi.type.tensor_type.shape.dim)
     ]
     del graph.value_info[:]
     graph.value_info.extend(keep)

@@ -151,11 +151,13 @@ def precompute_student(
     tables: Sequence[FanoutTable],
     index_dtype: torch.dtype = torch.int64,
     hidden: Tensor | None = None,
+    factor: bool = True,
 ) -> PrecomputedStudent:
     """Builds the precomputed ``embedded`` module (see the module docstring).
 
     ``hidden``: the [N, hidden] ``H^{L-1}`` table when the caller already has it
     (:meth:`~.adjacency.ExportContext.layer_states`); computed here otherwise.
+    ``factor``: see :class:`~abkd_deploy.export.modules.EmbeddedStudent`.
 
     Raises:
         ValueError: ``student`` is not supported (check :func:`can_precompute` first).
@@ -173,6 +175,7 @@ def precompute_student(
         index_dtype=index_dtype,
         dst_features=folded.dst_features,
         table_first=True,
+        factor=factor,
     )
     return PrecomputedStudent(module, hidden)
 

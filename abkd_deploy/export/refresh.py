@@ -141,6 +141,8 @@ def refresh(
         dtype=parent["dtype"],
         precompute=parent["adjacency"]["precompute"],
         states=states,
+        # the parent's layout: exports before the factored sage layer 1 keep slot weights
+        factor=parent["adjacency"].get("table_weights") == "scale",
     )
     adj = ADJACENCY.get("embedded")
     spec = adj.build(ctx)

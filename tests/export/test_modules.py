@@ -5,7 +5,7 @@ import torch
 
 from abkd_deploy.data.csbm import CSBMConfig, generate_csbm
 from abkd_deploy.data.csr import CSR
-from abkd_deploy.data.ell import EllBlock, sample_fanout_table
+from abkd_deploy.data.ell import EllBlock, FanoutTable, sample_fanout_table
 from abkd_deploy.data.graph import FullGraph
 from abkd_deploy.export.fold import fold_input_transform
 from abkd_deploy.export.modules import (
@@ -13,6 +13,10 @@ from abkd_deploy.export.modules import (
     CooStudent,
     EllStudent,
     EmbeddedStudent,
+    FactoredTableBlock,
+    TableBlock,
+    factored_table,
+    summing_matrix,
 )
 from abkd_deploy.models import build_model
 
@@ -81,3 +85,42 @@ def test_embedded_student_equals_student_on_same_tables(graph, arch, fold):
     expected_emb = hiddens[-1] if arch == "gcnii" else hiddens[-2]
     assert torch.allclose(expected_emb[ids], emb, atol=1e-5)
     assert module.nbr_1.dtype == (torch.int32 if fold else torch.int64)
+
+
+def test_factored_table_block_equals_weighted_table_block():
+    # node 2 has no neighbour (count 0: every slot is padding), node 1 one of three slots
+    nbr = torch.tensor([[1, 2, 0], [0, 1, 1], [2, 2, 2]])
+    table = FanoutTable(nbr=nbr, count=torch.tensor([2, 1, 0]), degree=torch.tensor([5, 1, 0]))
+    h = torch.randn(3, 4)
+    ids = torch.tensor([2, 0, 1, 0])
+    w, _ = table.weights("mean")
+    plain = TableBlock(nbr[ids], w[ids], None, ids).neighbors(h)
+    fnbr, scale = factored_table(table)
+    assert fnbr.tolist() == [[1, 2, 3], [0, 3, 3], [3, 3, 3]]  # padding = N, the zero row
+    assert scale.flatten().tolist() == [0.5, 1.0, 1.0]
+    padded = torch.cat([h, h.new_zeros((1, 4))])
+    summing = summing_matrix(3, 4)
+    factored = FactoredTableBlock(fnbr[ids], scale[ids], summing, ids).neighbors(padded)
+    assert torch.allclose(plain, factored, atol=1e-7)
+    assert factored[0].abs().max() == 0  # the isolated node sums zero rows only
+
+
+@pytest.mark.parametrize("arch", ["sage", "gcn"])
+def test_embedded_layer_one_is_factored_for_mean_only(graph, arch):
+    data, csr = graph
+    model = _model(arch)
+    tables = [sample_fanout_table(csr, 4, seed=s) for s in (0, 1)]
+    folded = fold_input_transform(model, data.x)
+    module = EmbeddedStudent(
+        folded.model, folded.features, tables, dst_features=folded.dst_features, table_first=True
+    )
+    buffers = dict(module.named_buffers())
+    n = data.num_nodes
+    if arch == "sage":
+        assert module.factored and "weight_1" not in buffers and "weight_2" in buffers
+        assert module.features.size(0) == n + 1 and module.features[n].abs().max() == 0
+        assert torch.equal(module.nbr_1 == n, ~tables[0].mask)
+        assert torch.allclose(module.scale_1.flatten(), 1 / tables[0].count.clamp(min=1).float())
+    else:  # gcn's slot weights are per source as well: today's layout
+        assert not module.factored and "scale_1" not in buffers
+        assert module.features.size(0) == n

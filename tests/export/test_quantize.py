@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import numpy_helper
 
 from abkd_deploy.cli import main
 from abkd_deploy.errors import ConfigError
@@ -316,3 +317,19 @@ def test_cli_exports_int8_and_prints_the_accuracy_change(gcn_run, tmp_path) -> N
     assert "onnx: int8 accuracy change vs float32 PyTorch: " in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantize"]["tables"] == ["embedding_table"]
+
+
+def test_int8_factored_sage_tree_keeps_the_zero_row(sage_run, tmp_path) -> None:
+    manifest = export(sage_run, tmp_path / "q", precompute="none", quantize="int8", progress=False)
+    assert manifest["adjacency"]["table_weights"] == "scale"
+    assert manifest["validation"]["passed"] is True
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    n = manifest["graph"]["num_nodes"]
+    values = init["features.values"]  # the padding slots' zero row stays zero in int8
+    assert values.dtype == np.int8 and values.shape[0] == n + 1 and not values[n].any()
+    assert init["scale_1"].dtype == np.float32 and "weight_1.values" not in init
+    ids = np.arange(0, n, 5)
+    logits, _ = ort_outputs(tmp_path / "q", ids)
+    answer = Predictor(tmp_path / "q").predict(ids)
+    assert np.array_equal(answer.classes, logits.argmax(1))

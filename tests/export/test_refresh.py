@@ -240,3 +240,29 @@ def test_cli_refresh_publishes_the_next_version(live, tmp_path):
     assert res.exit_code == 1
     assert res.output.strip().splitlines()[-1].startswith("error: ")
     assert "unknown key 'colour'" in res.output
+
+
+def test_refresh_keeps_the_slot_weight_layout_of_an_older_sage_export(data, tmp_path, monkeypatch):
+    import onnx
+
+    from abkd_deploy.export import modules
+
+    run = make_run(tmp_path / "run", "sage", epochs=5)
+    parent = tmp_path / "parent"
+    with monkeypatch.context() as patch:  # an export from before the factored layer 1
+        patch.setattr(modules, "FACTORED_ARCHS", ())
+        export(run, parent, fanouts=FANOUTS, progress=False)
+    assert read_manifest(parent)["adjacency"]["table_weights"] == "slots"
+    arrays = _delta(data, seed=2)
+    out = tmp_path / "refreshed"
+    manifest = refresh(parent, write_delta(tmp_path / "d.npz", **arrays), out, progress=False)
+    assert manifest["adjacency"]["table_weights"] == "slots"
+    names = {t.name for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    assert "last.weight_1" in names and "last.scale_1" not in names
+    snapshot = save_npz(_updated_graph(data, arrays), tmp_path / "updated.npz")
+    full = tmp_path / "full"  # today's export of the same graph: the factored layout
+    export(run, full, fanouts=FANOUTS, dataset=f"npz:{snapshot}", progress=False)
+    assert read_manifest(full)["adjacency"]["table_weights"] == "scale"
+    n = manifest["graph"]["num_nodes"]
+    for got, want in zip(_outputs(out, n), _outputs(full, n), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
