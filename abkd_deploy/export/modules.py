@@ -140,7 +140,9 @@ class FactoredTableBlock(TableBlock):
     Args:
         nbr: [n, K] int64 global neighbour ids, padding = ``N`` (the zero row).
         scale: [n, 1] per-destination scale (``1 / max(count, 1)``).
-        summing: [K * F, F] stacked identities (:func:`summing_matrix`).
+        summing: [K * F, F] stacked identities (:func:`summing_matrix`), or ``None`` for a
+            table wider than :data:`SUMMING_MAX_WIDTH` (a plain sum over the ``K`` rows:
+            the MatMul's ``K * F^2`` multiply-adds per row would outgrow what it saves).
         dst_ids: [n] int64 global ids of the destinations.
         dst_table: see :class:`TableBlock`.
         src_table: see :class:`TableBlock` (its row ``N`` is zero as well).
@@ -150,7 +152,7 @@ class FactoredTableBlock(TableBlock):
         self,
         nbr: Tensor,
         scale: Tensor,
-        summing: Tensor,
+        summing: Tensor | None,
         dst_ids: Tensor,
         dst_table: Tensor | None = None,
         src_table: Tensor | None = None,
@@ -160,8 +162,15 @@ class FactoredTableBlock(TableBlock):
 
     def neighbors(self, h: Tensor) -> Tensor:
         g = self.gather(h)  # [n, K, F]; padding slots are zero rows
+        if self.summing is None:  # a wide table: ReduceSum (K F^2 MACs would cost more)
+            return g.sum(1) * self.scale.to(g.dtype)
         flat = g.reshape(g.size(0), -1)  # [n, K * F]
         return (flat @ self.summing.to(g.dtype)) * self.scale.to(g.dtype)
+
+
+#: Widest table summed by :func:`summing_matrix`'s MatMul (F is the number of classes of a
+#: precomputed export: Cora 7, csbm 5); wider ones are summed with ``ReduceSum``.
+SUMMING_MAX_WIDTH = 16
 
 
 def summing_matrix(fanout: int, width: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -255,7 +264,11 @@ class EmbeddedStudent(nn.Module):
                 nbr, scale = factored_table(table)
                 self.register_buffer("nbr_1", nbr.to(index_dtype).contiguous())
                 self.register_buffer("scale_1", scale.to(dtype).contiguous())
-                self.register_buffer("sum_1", summing_matrix(table.fanout, features.size(1), dtype))
+                width = features.size(1)
+                if width <= SUMMING_MAX_WIDTH:
+                    self.register_buffer("sum_1", summing_matrix(table.fanout, width, dtype))
+                else:
+                    self.sum_1 = None
                 continue
             w, sw = table.weights(student.norm)
             self.register_buffer(f"nbr_{layer}", table.nbr.to(index_dtype).contiguous())

@@ -9,6 +9,7 @@ from abkd_deploy.data.ell import EllBlock, FanoutTable, sample_fanout_table
 from abkd_deploy.data.graph import FullGraph
 from abkd_deploy.export.fold import fold_input_transform
 from abkd_deploy.export.modules import (
+    SUMMING_MAX_WIDTH,
     TABLE_FIRST_ARCHS,
     CooStudent,
     EllStudent,
@@ -99,10 +100,10 @@ def test_factored_table_block_equals_weighted_table_block():
     assert fnbr.tolist() == [[1, 2, 3], [0, 3, 3], [3, 3, 3]]  # padding = N, the zero row
     assert scale.flatten().tolist() == [0.5, 1.0, 1.0]
     padded = torch.cat([h, h.new_zeros((1, 4))])
-    summing = summing_matrix(3, 4)
-    factored = FactoredTableBlock(fnbr[ids], scale[ids], summing, ids).neighbors(padded)
-    assert torch.allclose(plain, factored, atol=1e-7)
-    assert factored[0].abs().max() == 0  # the isolated node sums zero rows only
+    for summing in (summing_matrix(3, 4), None):  # the MatMul sum, and ReduceSum (wide tables)
+        factored = FactoredTableBlock(fnbr[ids], scale[ids], summing, ids).neighbors(padded)
+        assert torch.allclose(plain, factored, atol=1e-6)
+        assert factored[0].abs().max() == 0  # the isolated node sums zero rows only
 
 
 @pytest.mark.parametrize("arch", ["sage", "gcn"])
@@ -124,3 +125,21 @@ def test_embedded_layer_one_is_factored_for_mean_only(graph, arch):
     else:  # gcn's slot weights are per source as well: today's layout
         assert not module.factored and "scale_1" not in buffers
         assert module.features.size(0) == n
+
+
+@pytest.mark.parametrize("hidden", [8, 32])  # summed by the MatMul (<= 16 wide), by ReduceSum
+def test_factored_sage_equals_student_at_either_width(graph, hidden):
+    data, csr = graph
+    torch.manual_seed(2)
+    model = build_model("sage", in_channels=24, hidden=hidden, out_channels=3, num_layers=2)
+    tables = [sample_fanout_table(csr, 4, seed=s) for s in (0, 1)]
+    folded = fold_input_transform(model.eval(), data.x)
+    module = EmbeddedStudent(
+        folded.model, folded.features, tables, dst_features=folded.dst_features, table_first=True
+    )
+    assert module.factored and (module.sum_1 is None) == (hidden > SUMMING_MAX_WIDTH)
+    ids = torch.tensor([3, 0, 299, 3, 150])
+    with torch.no_grad():
+        ref, _ = model(data.x, [EllBlock.full_graph(t, model.norm) for t in tables])
+        logits, _ = module(ids)
+    assert torch.allclose(ref[ids], logits, atol=1e-5)
