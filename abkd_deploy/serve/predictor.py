@@ -14,6 +14,7 @@ from abkd_deploy.serve.errors import ArtifactError, BatchTooLarge, InvalidInput
 from abkd_deploy.serve.lookup import lookup_tables
 from abkd_deploy.serve.manifest import check_model, load_manifest, onnx_file, verify_files
 from abkd_deploy.serve.new_nodes import NewNodeModel, NewNodes, as_new_nodes
+from abkd_deploy.serve.postprocess import Postprocess, make_postprocess
 from abkd_deploy.serve.providers import create_session
 from abkd_deploy.serve.request_validation import as_node_ids
 
@@ -86,10 +87,9 @@ class _TableAnswers:
     export (:mod:`abkd_deploy.serve.lookup`): a call is a few ``np.take`` s, with the
     values the model call plus :meth:`Predictor.predict`'s argmax/softmax would give."""
 
-    def __init__(self, tables: dict[str, np.ndarray]) -> None:
-        logits = np.asarray(tables["logits"], dtype=np.float32)
-        self.classes = logits.argmax(axis=1).astype(np.int64)
-        self.scores = softmax(logits.copy())
+    def __init__(self, tables: dict[str, np.ndarray], postprocess: Postprocess) -> None:
+        logits = np.ascontiguousarray(tables["logits"], dtype=np.float32)
+        self.classes, self.scores = postprocess(logits)  # the model path's own function
         self.embedding = tables.get("embedding")
 
     def predict(self, ids: np.ndarray, return_embedding: bool) -> Prediction:
@@ -168,10 +168,12 @@ class Predictor:
                 threads,
                 spinning,
             )
+        #: logits -> (classes, scores) in one onnxruntime call (:mod:`.postprocess`)
+        self._postprocess = make_postprocess(self.num_classes)
         self._answers: _TableAnswers | None = None
         if self.manifest["adjacency"].get("precompute") == "all" and not self._info.on_cuda:
             tables = lookup_tables(model_path, self._outputs)
-            self._answers = None if tables is None else _TableAnswers(tables)
+            self._answers = None if tables is None else _TableAnswers(tables, self._postprocess)
         log.info("loaded %s (%s) on %s", model_path, self.format, self.provider)
 
     # ------------------------------------------------------------------ public API
@@ -220,11 +222,10 @@ class Predictor:
             return self._answers.predict(ids, return_embedding)
         names = ["logits", "embedding"] if return_embedding else ["logits"]
         outs = self._run({"node_ids": ids}, names)
-        logits = np.asarray(outs[0], dtype=np.float32)
-        classes = logits.argmax(axis=1).astype(np.int64)
+        classes, scores = self._postprocess(np.ascontiguousarray(outs[0], dtype=np.float32))
         return Prediction(
             classes=classes,
-            scores=softmax(logits),  # in place: the array is this run's own
+            scores=scores,
             embedding=np.asarray(outs[1]) if return_embedding else None,
         )
 
@@ -250,10 +251,10 @@ class Predictor:
         assert self.new_nodes is not None
         names = ["logits", "embedding"] if return_embedding else ["logits"]
         outs = self.new_nodes.run(checked, names)
-        logits = np.asarray(outs[0], dtype=np.float32)
+        classes, scores = self._postprocess(np.ascontiguousarray(outs[0], dtype=np.float32))
         return Prediction(
-            classes=logits.argmax(axis=1).astype(np.int64),
-            scores=softmax(logits),
+            classes=classes,
+            scores=scores,
             embedding=np.asarray(outs[1], dtype=np.float32) if return_embedding else None,
         )
 
