@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from abkd_deploy.data.typed_blocks import TypedBlock, relation_csr
+from abkd_deploy.data.typed_blocks import relation_csr
 from abkd_deploy.data.typed_graph import Relation, TypedGraph, relation_key
 from abkd_deploy.data.typed_sampler import TypedNeighborSampler
 from abkd_deploy.errors import CheckpointError, ConfigError
@@ -159,13 +158,6 @@ def typed_student_logits(ctx: TypedExportContext, exact_graph: bool) -> np.ndarr
     else:
         sources = table_sources(ctx.tables, student.norm)
     return layerwise_logits(student, data, sources, ctx.eval_ids).numpy()
-
-
-@torch.no_grad()
-def full_graph_logits(student: TypedGNN, data: TypedGraph) -> Tensor:
-    """[N_target, C] logits of the student on the whole typed graph (one sparse forward;
-    small graphs and tests: its memory is the whole graph at every layer's width)."""
-    return student(student.inputs(data), TypedBlock.full_graph(data, student.norm))[0].float()
 
 
 def typed_params(ctx: TypedExportContext) -> dict[str, Any]:

@@ -96,25 +96,43 @@ class RequestAccounting:
         self.tally.in_flight += counted
         try:
             await self.app(scope, receive, tracking_send)
-        except asyncio.CancelledError:
-            self.tally.cut_off += 1
-            log.error("request to %s cut off unanswered by shutdown", scope.get("path"))
-            if "status" not in sent:  # answer it rather than let uvicorn send a text 500
-                scope[ERROR_CODE_KEY] = "shutdown"
-                msg = "the server shut down before this request was answered; retry"
-                await send_error(tracking_send, 503, "shutdown", msg)
-        except Exception as exc:
-            log.exception("request to %s failed", scope.get("path"))
-            if "status" not in sent:
-                scope[ERROR_CODE_KEY] = "internal"
-                msg = f"internal error: {type(exc).__name__}"
-                await send_error(tracking_send, 500, "internal", msg)
+        except (asyncio.CancelledError, Exception) as exc:
+            answered = "status" in sent
+            _, code = await answer_failure(
+                exc, scope.get("path"), tracking_send, self.tally, answered
+            )
+            if not answered:
+                scope[ERROR_CODE_KEY] = code
         finally:
             self.tally.in_flight -= counted
             if counted:
                 status = sent.get("status", 500)
                 reason = scope.get(ERROR_CODE_KEY) if status >= 400 else None
                 self.metrics.observe_request(status, time.perf_counter() - start, reason)
+
+
+async def answer_failure(
+    exc: BaseException, path: Any, send: Send, tally: RequestTally, answered: bool
+) -> tuple[int, str]:
+    """What a request that ended in an exception gets (logged once), unless ``answered``:
+    cancelled by the graceful-shutdown timeout, a JSON 503 ``shutdown`` (counted in
+    ``tally.cut_off``); any other exception, a JSON 500 ``internal``. Rather than
+    uvicorn's text 500.
+
+    Returns:
+        ``(status, code)`` of that answer.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        tally.cut_off += 1
+        log.error("request to %s cut off unanswered by shutdown", path)
+        status, code = 503, "shutdown"
+        msg = "the server shut down before this request was answered; retry"
+    else:
+        log.error("request to %s failed", path, exc_info=exc)
+        status, code, msg = 500, "internal", f"internal error: {type(exc).__name__}"
+    if not answered:
+        await send_error(send, status, code, msg)
+    return status, code
 
 
 async def send_error(send: Send, status: int, code: str, message: str) -> None:

@@ -8,39 +8,34 @@ middleware, which cost a bare FastAPI app ~100 us per request (measured with
 ``GET /v1/predict`` that gets its 405) goes through FastAPI.
 
 It also does what :class:`~abkd_deploy.serve.accounting.RequestAccounting` does for the
-other paths: it records every answer in the metrics by the status actually sent, answers
-an unexpected exception with a JSON 500, and a request cancelled by the graceful-shutdown
-timeout with a JSON 503 (counted in :attr:`RequestTally.cut_off`).
+other paths: it records every answer in the metrics by the status actually sent, and
+answers an unexpected exception or a shutdown cut-off as that middleware does
+(:func:`~abkd_deploy.serve.accounting.answer_failure`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from abkd_deploy.serve.accounting import Receive, RequestTally, Scope, Send, send_error
+from starlette.requests import ClientDisconnect
+
+from abkd_deploy.serve.accounting import Receive, RequestTally, Scope, Send, answer_failure
 from abkd_deploy.serve.errors import BatchTooLarge, RequestError, RequestTimeout, Unavailable
 from abkd_deploy.serve.metrics import ServeMetrics
-from abkd_deploy.serve.wire import BINARY_TYPE, BadRequest
-
-log = logging.getLogger(__name__)
+from abkd_deploy.serve.wire import BINARY_TYPE, JSON_TYPE, BadRequest, wants_binary
 
 #: ``asyncio.timeout`` (Python 3.11+), else ``None``.
 _timeout = getattr(asyncio, "timeout", None)
-_JSON = b"application/json"
+_JSON = JSON_TYPE.encode()
 _BINARY = BINARY_TYPE.encode()
 
 #: ``answer(body, binary)`` -> ``(response body, extra headers)``; raises RequestError or
 #: Unavailable for a request that gets an error answer.
 Answer = Callable[[bytes, bool], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]]]]
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before its body arrived (nobody to answer)."""
 
 
 def error_body(exc: Exception, code: str) -> dict[str, Any]:
@@ -69,7 +64,7 @@ async def receive_body(
         BadRequest: more than ``limit`` bytes (413), refused before reading when the
             header says so.
         RequestTimeout: the body did not arrive within ``timeout_s`` (408).
-        ClientDisconnected: the client went away first.
+        ClientDisconnect: the client went away first.
     """
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise BadRequest(
@@ -84,7 +79,7 @@ async def receive_body(
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ClientDisconnected
+                raise ClientDisconnect
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -147,7 +142,7 @@ class PredictEndpoint:
                     length = value
                 elif name == b"accept":
                     accept = value
-            binary = accept is not None and _BINARY in accept.lower()
+            binary = accept is not None and wants_binary(accept.decode("latin-1"))
             try:
                 body = await receive_body(receive, length, self.max_body, self.body_timeout_s)
                 content, headers = await self.answer(body, binary)
@@ -161,20 +156,12 @@ class PredictEndpoint:
                     headers = [(b"connection", b"close")]  # the rest of the body may come
             started = True
             await _respond(send, status, kind, content, headers)
-        except ClientDisconnected:
+        except ClientDisconnect:
             status, reason = 499, "client_disconnected"  # nginx's code: nothing was sent
-        except asyncio.CancelledError:
-            self.tally.cut_off += 1
-            log.error("request to /v1/predict cut off unanswered by shutdown")
-            if not started:  # answer it rather than let uvicorn send a text 500
-                status, reason = 503, "shutdown"
-                msg = "the server shut down before this request was answered; retry"
-                await send_error(send, status, reason, msg)
-        except Exception as exc:
-            log.exception("request to /v1/predict failed")
+        except (asyncio.CancelledError, Exception) as exc:
+            failed = await answer_failure(exc, scope["path"], send, self.tally, started)
             if not started:
-                status, reason = 500, "internal"
-                await send_error(send, status, reason, f"internal error: {type(exc).__name__}")
+                status, reason = failed
         finally:
             self.tally.in_flight -= 1
             self.metrics.observe_request(status, time.perf_counter() - start, reason)

@@ -73,19 +73,10 @@ class Prediction:
         )
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise, numerically stable softmax that keeps float32 (the ufuncs directly: their
-    methods' Python wrappers cost more than the arithmetic on a serving batch)."""
-    z = np.subtract(logits, np.maximum.reduce(logits, axis=-1, keepdims=True))
-    np.exp(z, out=z)
-    np.divide(z, np.add.reduce(z, axis=-1, keepdims=True), out=z)
-    return z
-
-
 class _TableAnswers:
     """Every node's answer, computed once from the tables of a ``--precompute all``
     export (:mod:`abkd_deploy.serve.lookup`): a call is a few ``np.take`` s, with the
-    values the model call plus :meth:`Predictor.predict`'s argmax/softmax would give."""
+    values :meth:`Predictor.predict` would give (the same postprocessing)."""
 
     def __init__(self, tables: dict[str, np.ndarray], postprocess: Postprocess) -> None:
         logits = np.ascontiguousarray(tables["logits"], dtype=np.float32)

@@ -58,14 +58,9 @@ from abkd_deploy.serve.accounting import (
     Send,
 )
 from abkd_deploy.serve.batcher import MicroBatcher
-from abkd_deploy.serve.errors import RequestTimeout
 from abkd_deploy.serve.limits import HttpLimits, http_protocol, uvicorn_config
 from abkd_deploy.serve.metrics import CONTENT_TYPE, ServeMetrics
-from abkd_deploy.serve.predict_endpoint import (
-    ClientDisconnected,
-    PredictEndpoint,
-    receive_body,
-)
+from abkd_deploy.serve.predict_endpoint import PredictEndpoint, receive_body
 from abkd_deploy.serve.predictor import Prediction, Predictor
 from abkd_deploy.serve.versions import (
     DEFAULT_POLL_S,
@@ -99,12 +94,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """:func:`~abkd_deploy.serve.predict_endpoint.receive_body` for a framework ``Request``
     (413 beyond ``limit`` bytes, 408 after ``timeout_s``)."""
     length = request.headers.get("content-length")
-    try:
-        return await receive_body(
-            request.receive, None if length is None else length.encode(), limit, timeout_s
-        )
-    except ClientDisconnected:
-        raise RequestTimeout("the client closed the connection before its body arrived") from None
+    encoded = None if length is None else length.encode()
+    return await receive_body(request.receive, encoded, limit, timeout_s)
 
 
 class ServingApp(FastAPI):
@@ -263,6 +254,8 @@ def create_app(
 
     endpoint = PredictEndpoint(answer, metrics, tally, max_body, body_timeout_s)
     app.predict_endpoint = endpoint
+    # ServingApp hands every POST straight to the endpoint; the route is there so that
+    # FastAPI answers the other methods with its JSON 405 (and counts them)
     app.router.routes.append(Route("/v1/predict", endpoint, methods=["POST"]))
 
     @app.get("/healthz")

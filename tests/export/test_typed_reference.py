@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from abkd_deploy.data import load_dataset
+from abkd_deploy.data.typed_blocks import TypedBlock
 from abkd_deploy.data.typed_sampler import TypedNeighborSampler
 from abkd_deploy.export import typed_reference
-from abkd_deploy.export.typed_context import full_graph_logits
 from abkd_deploy.export.typed_reference import (
     exact_sources,
     layer_chunks,
@@ -21,6 +21,12 @@ from abkd_deploy.export.typed_reference import (
 )
 from abkd_deploy.models import build_model
 from tests.export.conftest import TYPED_DATASET
+
+
+@torch.no_grad()
+def full_graph_logits(student, data) -> torch.Tensor:
+    """[N_target, C]: the student on the whole typed graph in one sparse forward."""
+    return student(student.inputs(data), TypedBlock.full_graph(data, student.norm))[0].float()
 
 
 def _student(arch: str, data, layers: int = 3):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from abkd_deploy.serve.postprocess import make_postprocess
-from abkd_deploy.serve.predictor import softmax
+from tests.serve.tiny_export import softmax
 
 
 def test_matches_numpy_including_ties_and_huge_logits() -> None:

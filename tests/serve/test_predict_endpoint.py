@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.requests import ClientDisconnect
 
 from abkd_deploy.serve import Predictor
 from abkd_deploy.serve.errors import RequestTimeout
-from abkd_deploy.serve.predict_endpoint import ClientDisconnected, receive_body
+from abkd_deploy.serve.predict_endpoint import receive_body
 from abkd_deploy.serve.server import create_app
 from abkd_deploy.serve.wire import BadRequest
 
@@ -43,7 +44,7 @@ def test_receive_body_joins_chunks_and_enforces_limits() -> None:
         asyncio.run(receive_body(_receiver(_chunks(b"12345", b"67890")), None, 8, 1.0))
     with pytest.raises(RequestTimeout, match="did not arrive within 0.05 s"):
         asyncio.run(receive_body(_receiver(_chunks(b"1", b"2")[:1]), None, 100, 0.05))
-    with pytest.raises(ClientDisconnected):
+    with pytest.raises(ClientDisconnect):
         asyncio.run(receive_body(_receiver([{"type": "http.disconnect"}]), None, 100, 1.0))
 
 

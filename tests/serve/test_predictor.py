@@ -20,8 +20,7 @@ from abkd_deploy.serve import (
     Prediction,
     Predictor,
 )
-from abkd_deploy.serve.predictor import softmax
-from tests.serve.tiny_export import ell_onnx, embedded_onnx, lookup_onnx, write_export
+from tests.serve.tiny_export import ell_onnx, embedded_onnx, lookup_onnx, softmax, write_export
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -16,6 +16,14 @@ from abkd_deploy.manifest import METADATA_KEY
 OPSET = 18
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Reference row-wise, numerically stable softmax (float32 in, float32 out)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
 @dataclass
 class TinyModel:
     """Weights of a tiny embedded-style model and a numpy reference forward."""
