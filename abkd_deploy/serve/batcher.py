@@ -66,8 +66,13 @@ def _settle(outcomes: list[_Outcome]) -> None:
             req.future.set_exception(error)
 
 
-def _deliver(outcomes: list[_Outcome], here: asyncio.AbstractEventLoop | None) -> None:
-    """Hands results over: directly, or with one call per other event loop (one wake-up)."""
+def _deliver(
+    outcomes: list[_Outcome],
+    here: asyncio.AbstractEventLoop | None,
+    then: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+) -> None:
+    """Hands results over: directly, or with one call per other event loop (one wake-up),
+    which calls ``then(loop)`` after settling them."""
     direct = [o for o in outcomes if o[0].loop is None or o[0].loop is here]
     _settle(direct)
     by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
@@ -78,17 +83,30 @@ def _deliver(outcomes: list[_Outcome], here: asyncio.AbstractEventLoop | None) -
     for loop, items in by_loop.items():
         # a closed loop raises RuntimeError: nobody is waiting for these answers
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle, items)
+            loop.call_soon_threadsafe(_settle_then, items, loop, then)
+
+
+def _settle_then(
+    outcomes: list[_Outcome],
+    loop: asyncio.AbstractEventLoop,
+    then: Callable[[asyncio.AbstractEventLoop], None] | None,
+) -> None:
+    _settle(outcomes)
+    if then is not None:
+        loop.call_soon(then, loop)  # after the callers' tasks have taken their answers
 
 
 class _Request:
     """One caller's ids and the future for its rows; ``loop`` is set for asyncio callers."""
 
-    __slots__ = ("arrived", "future", "ids", "loop")
+    __slots__ = ("alone", "arrived", "future", "ids", "loop")
 
-    def __init__(self, ids: np.ndarray, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self, ids: np.ndarray, loop: asyncio.AbstractEventLoop | None = None, alone: bool = True
+    ) -> None:
         self.ids = ids
         self.loop = loop
+        self.alone = alone  # may run in its caller's thread or loop when it finds the model free
         self.future: Any = Future() if loop is None else loop.create_future()
         self.arrived = time.monotonic()
 
@@ -150,6 +168,9 @@ class MicroBatcher(Generic[R]):
         self._idle_since = 0.0  # perf_counter() at the end of the last run
         self._last_run_s = 0.0  # how long the last run took
         self._flush_loops: set[asyncio.AbstractEventLoop] = set()  # a flush is scheduled
+        # after a worker run for event-loop callers, the next run waits (up to max_wait)
+        # until that loop has handed out the answers and read what arrived meanwhile
+        self._held_until = 0.0  # time.monotonic() deadline; 0: no hold
         self._closing = False
         self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
         self._worker.start()
@@ -183,17 +204,25 @@ class MicroBatcher(Generic[R]):
             self._run_claimed(batch, None)
         return req.future.result(timeout)
 
-    async def apredict(self, node_ids: Any) -> R:
-        """:meth:`predict` for asyncio callers; cancelling the task cancels the request."""
+    async def apredict(self, node_ids: Any, alone: bool = True) -> R:
+        """:meth:`predict` for asyncio callers; cancelling the task cancels the request.
+
+        Args:
+            node_ids: the request's ids.
+            alone: whether the caller knows of no other request on its way (a server: no
+                other request being read or answered). Only then may a small request run
+                inline (``inline_ids``): one that runs on the event loop while others wait
+                there delays them all, and gives up their company in one batch.
+        """
         loop = asyncio.get_running_loop()
         ids = self._check(node_ids)
-        if ids.size <= self.inline_ids and self._claim_free(ids):
+        if alone and ids.size <= self.inline_ids and self._claim_free(ids):
             start = time.perf_counter()
             try:
                 return self._call(ids)
             finally:
                 self._release(start)
-        req = _Request(ids, loop)
+        req = _Request(ids, loop, alone)
         with self._cond:
             self._admit(req)
             if not self._busy and loop not in self._flush_loops:
@@ -294,6 +323,8 @@ class MicroBatcher(Generic[R]):
         """The batch to run in the caller's thread: a lone request on a free model."""
         if self._busy or len(self._pending) != 1 or self._wait_s() > 0:
             return None
+        if not self._pending[0].alone:  # others are on their way: the worker batches them
+            return None
         return self._take()
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -301,6 +332,7 @@ class MicroBatcher(Generic[R]):
         them while the loop goes on parsing and answering)."""
         with self._cond:
             self._flush_loops.discard(loop)
+            self._held_until = 0.0
             batch = self._take_lone()
             if batch is None and self._pending and not self._busy:
                 self._cond.notify()
@@ -316,7 +348,7 @@ class MicroBatcher(Generic[R]):
                 with self._cond:
                     while True:
                         if self._pending and not self._busy:
-                            wait_s = self._wait_s()
+                            wait_s = max(self._wait_s(), self._held_until - time.monotonic())
                             if wait_s <= 0:
                                 break
                             self._cond.wait(wait_s)
@@ -348,7 +380,13 @@ class MicroBatcher(Generic[R]):
             outcomes = [(req, None, error) for req in batch]
             raise
         finally:
-            _deliver(outcomes, here)
+            hold = here is None and self.max_wait_s > 0
+            if hold and any(o[0].loop is not None for o in outcomes):
+                # the answers' loop flushes once it has taken them (and read new requests):
+                # the next batch is what came meanwhile, not the first one or two to arrive
+                with self._cond:
+                    self._held_until = time.monotonic() + self.max_wait_s
+            _deliver(outcomes, here, self._flush if here is None else None)
             self._release(start)
 
     def _run(self, batch: list[_Request]) -> list[_Outcome]:

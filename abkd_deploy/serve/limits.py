@@ -60,6 +60,20 @@ def _header_timeout(config: Any) -> float:
     return float(getattr(config, "header_timeout_s", HttpLimits.header_timeout_s))
 
 
+class _ServerTasks:
+    """The request tasks of this process's uvicorn server (``ServerState.tasks``: one per
+    request whose headers were parsed, until it is answered), once a connection is made."""
+
+    tasks: set[Any] | None = None
+
+
+def open_requests() -> int:
+    """Requests this process's uvicorn server has parsed and not yet answered, those
+    whose task has not started included (0 when not served by uvicorn's protocols)."""
+    tasks = _ServerTasks.tasks
+    return 0 if tasks is None else len(tasks)
+
+
 class _HeaderDeadline:
     """Mixin for a uvicorn HTTP protocol: a deadline for receiving each request's headers.
 
@@ -78,6 +92,7 @@ class _HeaderDeadline:
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
+        _ServerTasks.tasks = getattr(self, "tasks", None)
         self._arm_header_deadline()
 
     def on_response_complete(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,14 @@ from abkd_deploy.serve.errors import ArtifactError, BatchTooLarge, InvalidInput
 from abkd_deploy.serve.lookup import lookup_tables
 from abkd_deploy.serve.manifest import check_model, load_manifest, onnx_file, verify_files
 from abkd_deploy.serve.new_nodes import NewNodeModel, NewNodes, as_new_nodes
-from abkd_deploy.serve.postprocess import Postprocess, make_postprocess
-from abkd_deploy.serve.providers import create_session
+from abkd_deploy.serve.postprocess import (
+    ANSWERS,
+    Postprocess,
+    folder_option_supported,
+    make_postprocess,
+    with_answers,
+)
+from abkd_deploy.serve.providers import SessionInfo, create_session
 from abkd_deploy.serve.request_validation import as_node_ids
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,20 @@ class Prediction:
             np.concatenate([p.scores for p in parts]),
             None if any(e is None for e in embs) else np.concatenate(embs),
         )
+
+
+def run_on_cpu(session: Any, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run(names, feed)`` without the Python wrapper's per-call checks.
+
+    ``InferenceSession.run`` checks the feed's names against the model and handles a
+    failing execution provider's fallback on every call (6-7 us at one id, a fifth of an
+    ``embedded`` model's whole run); the Predictor checks its feeds itself and only takes
+    this path on CPU. Sessions without the binding (other wrappers) run as usual.
+    """
+    raw = getattr(session, "_sess", None)
+    if raw is None:
+        return session.run(names, feed)
+    return raw.run(names, feed, None)
 
 
 class _TableAnswers:
@@ -132,13 +153,7 @@ class Predictor:
         spinning = None
         if threads is None and self.manifest["adjacency"]["format"] == "embedded":
             threads, spinning = EMBEDDED_THREADS, False
-        try:
-            self._info = create_session(model_path, device, threads, spinning)
-        except (DeviceError, ConfigError):
-            raise
-        except Exception as exc:
-            first = first_line(exc)
-            raise ArtifactError(f"onnxruntime cannot load {model_path}: {first}") from exc
+        self._info, self._fused = self._open(model_path, device, threads, spinning)
         check_model(self.manifest, model_path)
         self.session = self._info.session
         self.provider: str = self._info.provider
@@ -147,7 +162,9 @@ class Predictor:
         self.num_classes: int = int(self.manifest["graph"]["num_classes"])
         self.max_batch = int(max_batch)
         self._inputs = {i.name: i for i in self.session.get_inputs()}
-        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._outputs = [
+            o.name for o in self.session.get_outputs() if not (self._fused and o.name in ANSWERS)
+        ]
         self._check_signature()
         self.new_nodes: NewNodeModel | None = None
         if self.format == "embedded" and "new_nodes" in self.manifest:
@@ -159,13 +176,45 @@ class Predictor:
                 threads,
                 spinning,
             )
-        #: logits -> (classes, scores) in one onnxruntime call (:mod:`.postprocess`)
-        self._postprocess = make_postprocess(self.num_classes)
         self._answers: _TableAnswers | None = None
         if self.manifest["adjacency"].get("precompute") == "all" and not self._info.on_cuda:
             tables = lookup_tables(model_path, self._outputs)
             self._answers = None if tables is None else _TableAnswers(tables, self._postprocess)
         log.info("loaded %s (%s) on %s", model_path, self.format, self.provider)
+
+    def _open(
+        self, model_path: Path, device: str, threads: int | None, spinning: bool | None
+    ) -> tuple[SessionInfo, bool]:
+        """The model's session, and whether it answers classes and scores itself
+        (:func:`~.postprocess.with_answers`, ``embedded`` exports on onnxruntime >= 1.21);
+        any other model, or one that does not load that way, is loaded from its file."""
+        fused = None
+        if self.manifest["adjacency"]["format"] == "embedded" and folder_option_supported():
+            try:
+                fused = with_answers(model_path)
+            except Exception:  # not readable as ONNX: loading the file names the problem
+                fused = None
+        if fused is not None:
+            try:
+                info = create_session(fused, device, threads, spinning, self.export_dir)
+                return info, True
+            except (DeviceError, ConfigError):
+                raise
+            except Exception as exc:
+                log.info("loading %s as it is: %s", model_path, first_line(exc))
+        try:
+            return create_session(model_path, device, threads, spinning), False
+        except (DeviceError, ConfigError):
+            raise
+        except Exception as exc:
+            first = first_line(exc)
+            raise ArtifactError(f"onnxruntime cannot load {model_path}: {first}") from exc
+
+    @cached_property
+    def _postprocess(self) -> Postprocess:
+        """logits -> (classes, scores) in one onnxruntime call (:mod:`.postprocess`): for
+        new nodes, precomputed tables and models that do not answer them themselves."""
+        return make_postprocess(self.num_classes)
 
     # ------------------------------------------------------------------ public API
 
@@ -211,14 +260,17 @@ class Predictor:
         serving path, which checks every request once when it parses it."""
         if self._answers is not None:
             return self._answers.predict(ids, return_embedding)
-        names = ["logits", "embedding"] if return_embedding else ["logits"]
-        outs = self._run({"node_ids": ids}, names)
-        classes, scores = self._postprocess(np.ascontiguousarray(outs[0], dtype=np.float32))
-        return Prediction(
-            classes=classes,
-            scores=scores,
-            embedding=np.asarray(outs[1]) if return_embedding else None,
-        )
+        if self._fused:  # one run answers classes and scores
+            names = [*ANSWERS, "embedding"] if return_embedding else list(ANSWERS)
+            outs = self._run({"node_ids": ids}, names)
+            classes, scores = outs[0], outs[1]
+            embedding = np.asarray(outs[2]) if return_embedding else None
+        else:
+            names = ["logits", "embedding"] if return_embedding else ["logits"]
+            outs = self._run({"node_ids": ids}, names)
+            classes, scores = self._postprocess(np.ascontiguousarray(outs[0], dtype=np.float32))
+            embedding = np.asarray(outs[1]) if return_embedding else None
+        return Prediction(classes=classes, scores=scores, embedding=embedding)
 
     def check_nodes(self, nodes: Any, max_batch: int | None = None) -> NewNodes:
         """Checks new nodes for this export (see :meth:`predict`).
@@ -375,7 +427,7 @@ class Predictor:
     def _run(self, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         """One model run; IO binding on CUDA (outputs on the GPU, copied back once)."""
         if not self._info.on_cuda:
-            return self.session.run(names, feed)
+            return run_on_cpu(self.session, names, feed)
         binding = self.session.io_binding()
         for name, arr in feed.items():
             binding.bind_cpu_input(name, arr)

@@ -84,7 +84,7 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
 
 
 def _try_cuda(
-    model_path: str, opts: ort.SessionOptions, device_id: int
+    model_path: str | bytes, opts: ort.SessionOptions, device_id: int
 ) -> tuple[ort.InferenceSession | None, str]:
     """Creates a CUDA session; returns ``(session, "")`` or ``(None, why it is not CUDA)``."""
     available = ort.get_available_providers()
@@ -109,18 +109,22 @@ def _try_cuda(
 
 
 def create_session(
-    model_path: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | bytes,
     device: str = "auto",
     threads: int | None = None,
     spinning: bool | None = None,
+    external_dir: str | os.PathLike[str] | None = None,
 ) -> SessionInfo:
     """Creates an inference session on the requested device.
 
     Args:
-        model_path: the ``.onnx`` file (external data next to it is found by onnxruntime).
+        model_path: the ``.onnx`` file (external data next to it is found by onnxruntime),
+            or a serialized model.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if it really runs, else CPU).
         threads: intra-op threads (``None``: onnxruntime's default).
         spinning: idle intra-op threads busy-wait (``None``: onnxruntime's default).
+        external_dir: where a serialized model's external data files are (onnxruntime
+            >= 1.21, ``session.model_external_initializers_file_folder_path``).
 
     Returns:
         The session and the provider that runs it.
@@ -131,7 +135,11 @@ def create_session(
     """
     kind, device_id = parse_device(device)
     opts = session_options(threads, spinning)
-    path = os.fspath(model_path)
+    if external_dir is not None:
+        opts.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", os.fspath(external_dir)
+        )
+    path = model_path if isinstance(model_path, bytes) else os.fspath(model_path)
     note = ""
     if kind in ("cuda", "auto"):
         session, why = _try_cuda(path, opts, device_id)

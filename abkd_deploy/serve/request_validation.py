@@ -41,7 +41,7 @@ def as_node_ids(node_ids: Any, num_nodes: int, max_batch: int | None = None) -> 
         values = node_ids if isinstance(node_ids, (list, tuple)) else list(node_ids)
         if max_batch is not None and len(values) > max_batch:
             raise BatchTooLarge(len(values), max_batch)
-        arr = _fast_from_list(values, num_nodes)
+        arr = fast_node_ids(values, num_nodes)
         if arr is not None:
             return arr
         arr = _from_list(values, num_nodes)
@@ -66,7 +66,7 @@ def _from_array(a: np.ndarray, num_nodes: int) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def _fast_from_list(values: list[Any] | tuple[Any, ...], num_nodes: int) -> np.ndarray | None:
+def fast_node_ids(values: list[Any] | tuple[Any, ...], num_nodes: int) -> np.ndarray | None:
     """The common case in a few C loops: a non-empty list of plain Python ints, all valid.
 
     Returns the ``[n]`` int64 ids, or ``None`` for anything else (empty, other types such as
@@ -76,7 +76,7 @@ def _fast_from_list(values: list[Any] | tuple[Any, ...], num_nodes: int) -> np.n
     if not values or set(map(type, values)) != {int}:
         return None
     try:
-        arr = np.fromiter(values, np.int64, len(values))
+        arr = np.array(values, dtype=np.int64)
     except OverflowError:
         return None
     # one reduction checks both ends: negative ids are huge as uint64

@@ -58,7 +58,7 @@ from abkd_deploy.serve.accounting import (
     Send,
 )
 from abkd_deploy.serve.batcher import MicroBatcher
-from abkd_deploy.serve.limits import HttpLimits, http_protocol, uvicorn_config
+from abkd_deploy.serve.limits import HttpLimits, http_protocol, open_requests, uvicorn_config
 from abkd_deploy.serve.metrics import CONTENT_TYPE, ServeMetrics
 from abkd_deploy.serve.predict_endpoint import PredictEndpoint, receive_body
 from abkd_deploy.serve.predictor import Prediction, Predictor
@@ -183,7 +183,11 @@ def create_app(
             start = time.perf_counter()
             wanted = embedding_wanted[0] > 0 and model.has_embedding
             pred = model.predict_ids(ids, return_embedding=wanted)  # checked when parsed
-            metrics.observe_batch(len(pred), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            try:  # a run on the event loop (inline): recorded once the answer is out
+                asyncio.get_running_loop().call_soon(metrics.observe_batch, len(pred), seconds)
+            except RuntimeError:  # the batcher's thread
+                metrics.observe_batch(len(pred), seconds)
             return pred
 
         return MicroBatcher(
@@ -218,11 +222,13 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, http_error)
 
     async def run_ids(batcher: MicroBatcher, req: PredictRequest) -> Prediction:
+        # nobody else being read or answered, nor parsed and waiting for its task to start
+        alone = tally.in_flight <= 1 and open_requests() <= 1
         if not req.return_embedding:
-            return await batcher.apredict(req.ids)
+            return await batcher.apredict(req.ids, alone)
         embedding_wanted[0] += 1
         try:
-            return await batcher.apredict(req.ids)
+            return await batcher.apredict(req.ids, alone)
         finally:
             embedding_wanted[0] -= 1
 

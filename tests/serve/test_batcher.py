@@ -431,3 +431,43 @@ def test_inline_requests_arriving_faster_than_runs_are_gathered() -> None:
         answers = asyncio.run(main(b))
     assert answers == [[10], [20], [30], [40], [50], [i * 10 for i in range(9)]]
     assert model.sizes == [1, 4, 9], "the four quick followers should share one run"
+
+
+def test_a_request_with_others_on_their_way_never_runs_on_the_loop() -> None:
+    model = Gated(hold=0)
+
+    async def main(b: MicroBatcher) -> list:
+        return (await b.apredict([3], alone=False)).tolist()
+
+    with MicroBatcher(model, max_batch=64, max_wait_ms=5000, inline_ids=8) as b:
+        assert asyncio.run(main(b)) == [30]
+        assert asyncio.run(main(b)) == [30]  # the lone-request flush refuses it too
+    assert model.sizes == [1, 1]
+    assert threading.main_thread() not in model.threads, "it should run on the worker"
+
+
+def test_the_next_worker_run_waits_until_the_loop_took_the_answers() -> None:
+    """After a run for event-loop callers the worker holds back what queued meanwhile until
+    that loop has settled the answers (and read what came with them), up to max_wait."""
+    seen_done: list[bool] = []
+    first: list[asyncio.Future] = []
+
+    def fn(ids: np.ndarray) -> np.ndarray:
+        if first and int(ids[0]) == 2:
+            seen_done.append(first[0].done())
+        return ids * 10
+
+    model = Gated(fn, hold=1)
+
+    async def main(b: MicroBatcher) -> list:
+        one = asyncio.ensure_future(b.apredict([1], alone=False))
+        await asyncio.to_thread(model.started.wait, 10)
+        first.append(one)
+        two = asyncio.ensure_future(b.apredict([2], alone=False))  # queued behind the run
+        await asyncio.sleep(0)
+        model.gate.set()
+        return [(await one).tolist(), (await two).tolist()]
+
+    with MicroBatcher(model, max_batch=64, max_wait_ms=5000, inline_ids=8) as b:
+        assert asyncio.run(main(b)) == [[10], [20]]
+    assert seen_done == [True], "the second run started before the loop had the first answer"

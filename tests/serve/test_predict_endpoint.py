@@ -106,3 +106,31 @@ def test_client_gone_before_its_body_gets_nothing_and_is_counted(embedded_dir: P
     assert sent == []  # nobody to answer
     assert _requests_total(app) == {'abkd_serve_requests_total{code="499"}': 1.0}
     assert 'reason="client_disconnected"' in app.state.metrics.render()
+
+
+@pytest.mark.parametrize(("open_requests", "inline"), [(1, True), (3, False)])
+def test_a_small_request_runs_inline_only_when_no_other_is_open(
+    embedded_dir: Path, monkeypatch: pytest.MonkeyPatch, open_requests: int, inline: bool
+) -> None:
+    """Other requests parsed by the server (their tasks not started yet) keep a request off
+    the event loop: it goes to the batcher's worker, which batches them together. The
+    batch metrics are recorded either way (inline: once the answer is out)."""
+    import threading
+
+    from abkd_deploy.serve import server
+
+    predictor = Predictor(embedded_dir, device="cpu", threads=1)
+    threads: list[str] = []
+    predict_ids = predictor.predict_ids
+
+    def recording(ids, return_embedding=False):
+        threads.append(threading.current_thread().name)
+        return predict_ids(ids, return_embedding)
+
+    predictor.predict_ids = recording
+    monkeypatch.setattr(server, "open_requests", lambda: open_requests)
+    app = create_app(predictor, max_batch=64)
+    start, _ = _call(app, _chunks(b'{"node_ids": [5, 6]}'))
+    assert start["status"] == 200
+    assert threads == ["MainThread" if inline else "micro-batcher"]
+    assert "abkd_serve_batch_size_count 1.0" in app.state.metrics.render()

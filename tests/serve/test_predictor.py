@@ -20,6 +20,7 @@ from abkd_deploy.serve import (
     Prediction,
     Predictor,
 )
+from abkd_deploy.serve.postprocess import ANSWERS, folder_option_supported
 from tests.serve.tiny_export import ell_onnx, embedded_onnx, lookup_onnx, softmax, write_export
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -355,15 +356,15 @@ def test_fast_id_validation_equals_elementwise(values: list) -> None:
     from abkd_deploy.serve import request_validation as validate
 
     def outcome(fast: bool):
-        saved = validate._fast_from_list
+        saved = validate.fast_node_ids
         if not fast:
-            validate._fast_from_list = lambda values, num_nodes: None
+            validate.fast_node_ids = lambda values, num_nodes: None
         try:
             return validate.as_node_ids(values, 500, 64).tolist()
         except ServeError as exc:
             return type(exc).__name__, str(exc), getattr(exc, "values", None)
         finally:
-            validate._fast_from_list = saved
+            validate.fast_node_ids = saved
 
     assert outcome(True) == outcome(False)
 
@@ -379,6 +380,8 @@ class _RecordingSession:
         return self.session.run(names, feed)
 
     def __getattr__(self, name):
+        if name == "_sess":  # no raw binding: every run goes through run() above
+            raise AttributeError(name)
         return getattr(self.session, name)
 
 
@@ -387,20 +390,21 @@ def test_runs_fetch_only_the_outputs_requests_need(embedded_dir: Path) -> None:
     from tests.serve.live_server import LiveServer
 
     predictor = Predictor(embedded_dir, device="cpu")
+    answers = list(ANSWERS)  # classes and scores, computed in the model's own run
     recorder = _RecordingSession(predictor.session)
     predictor.session = recorder
-    assert predictor.predict([1, 2]).embedding is None and recorder.names == [["logits"]]
+    assert predictor.predict([1, 2]).embedding is None and recorder.names == [answers]
     with LiveServer(create_app(predictor, max_batch=64)) as live:
         client = live.connect()
         recorder.names.clear()
         status, body = client.predict([3, 4])
         assert status == 200 and "embeddings" not in body
-        assert recorder.names == [["logits"]]
+        assert recorder.names == [answers]
         status, body = client.predict([5], return_embedding=True)
         assert status == 200 and len(body["embeddings"]) == 1
-        assert recorder.names[-1] == ["logits", "embedding"]
+        assert recorder.names[-1] == [*answers, "embedding"]
         status, body = client.predict([6])
-        assert status == 200 and recorder.names[-1] == ["logits"]
+        assert status == 200 and recorder.names[-1] == answers
         client.close()
 
 
@@ -446,3 +450,49 @@ def test_lookup_export_answers_from_its_tables(lookup_dir: Path, embedded_dir: P
     plain = Predictor(other, device="cpu")
     assert plain._answers is None
     np.testing.assert_array_equal(plain.predict(ids).classes, tiny.forward(ids)[0].argmax(1))
+
+
+def test_an_embedded_model_answers_classes_and_scores_in_its_own_run(
+    tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its tables in ``model.onnx.data`` (as the exporter writes them), the model is
+    loaded with ArgMax and Softmax appended (onnxruntime >= 1.21); the answers are those
+    of the file loaded as it is with the separate postprocess session."""
+    from abkd_deploy.serve import predictor as predictor_module
+
+    n, f = tiny.features.shape
+    out = write_export(
+        tmp_path / "ext",
+        embedded_onnx(tiny),
+        "embedded",
+        n,
+        f,
+        tiny.w2.shape[1],
+        external_data=True,
+    )
+    fused = Predictor(out, device="cpu")
+    assert fused._fused == folder_option_supported()
+    monkeypatch.setattr(predictor_module, "folder_option_supported", lambda: False)
+    plain = Predictor(out, device="cpu")
+    assert not plain._fused
+    ids = np.array([0, 7, 499, 7, 123, 31])
+    a, b = fused.predict(ids, return_embedding=True), plain.predict(ids, return_embedding=True)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    assert a.classes.dtype == np.int64 and a.scores.dtype == np.float32
+    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(a.embedding, b.embedding)
+    logits, _ = tiny.forward(ids)
+    np.testing.assert_allclose(a.scores, softmax(logits), rtol=1e-5, atol=1e-6)
+    # the added outputs stay internal: same outputs, same raw run
+    assert fused.info()["outputs"] == plain.info()["outputs"] == ["logits", "embedding"]
+    assert sorted(fused.run({"node_ids": ids})) == ["embedding", "logits"]
+
+
+def test_a_model_that_cannot_load_as_bytes_is_loaded_from_its_file(
+    embedded_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from abkd_deploy.serve import predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "with_answers", lambda path: b"not a model")
+    p = Predictor(embedded_dir, device="cpu")
+    assert not p._fused and p.predict([1, 2]).classes.shape == (2,)

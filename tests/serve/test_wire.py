@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from abkd_deploy.serve import Predictor
+from abkd_deploy.serve import Predictor, wire
 from abkd_deploy.serve.errors import RequestError
 from abkd_deploy.serve.limits import http_protocol, uvicorn_config
 from abkd_deploy.serve.server import create_app
@@ -180,6 +182,51 @@ def test_fast_path_parses_like_stdlib() -> None:
     req = parse_request(body, 500, 32, True)
     assert req.ids.dtype == np.int64 and req.ids.tolist() == [0, 499, 7]
     assert (req.format, req.return_embedding) == ("top1", False)
+
+
+_PAYLOAD_IDS = st.lists(
+    st.one_of(
+        st.integers(-3, 520),
+        st.integers(-(2**70), 2**70),
+        st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.none(),
+        st.text(max_size=2),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.fixed_dictionaries({"node_ids": _PAYLOAD_IDS}),
+        st.fixed_dictionaries({"node_ids": st.lists(st.integers(0, 499), max_size=40)}),
+        st.fixed_dictionaries(
+            {"node_ids": st.lists(st.integers(0, 499), min_size=30, max_size=36)}
+        ),
+        st.fixed_dictionaries({"node_ids": _PAYLOAD_IDS | st.integers() | st.text()}),
+        st.dictionaries(st.sampled_from(["node_ids", "format", "x"]), _PAYLOAD_IDS, max_size=2),
+    )
+)
+def test_the_one_field_shortcut_answers_like_the_full_checks(payload: dict) -> None:
+    """``{"node_ids": [...]}`` alone takes a shortcut past the field checks; every body
+    gets the request or the error the full checks give (max 32 ids here)."""
+    body = json.dumps(payload).encode()
+
+    def outcome(shortcut: bool):
+        saved = wire.fast_node_ids
+        if not shortcut:
+            wire.fast_node_ids = lambda values, num_nodes: None
+        try:
+            req = parse_request(body, 500, 32, True)
+            return req.ids.dtype.name, req.ids.tolist(), req.format, req.return_embedding
+        except RequestError as exc:
+            return type(exc).__name__, str(exc), getattr(exc, "values", None)
+        finally:
+            wire.fast_node_ids = saved
+
+    assert outcome(True) == outcome(False)
 
 
 def test_decode_binary_refuses_other_bodies() -> None:

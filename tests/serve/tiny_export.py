@@ -132,9 +132,11 @@ def write_export(
     num_features: int,
     num_classes: int,
     adjacency: dict | None = None,
+    external_data: bool = False,
 ) -> Path:
     """Writes ``model.onnx`` and a format_version 1 ``manifest.json`` into ``out``
-    (``adjacency``: extra fields of the manifest's ``adjacency`` object)."""
+    (``adjacency``: extra fields of the manifest's ``adjacency`` object; ``external_data``:
+    every initializer in ``model.onnx.data``, as the exporter writes large models)."""
     out.mkdir(parents=True, exist_ok=True)
 
     def spec(v: onnx.ValueInfoProto) -> dict:
@@ -165,12 +167,21 @@ def write_export(
         "artifacts": {"onnx": "model.onnx"},
     }
     embed_metadata(model, manifest)
-    onnx.save(model, out / "model.onnx")
+    files = ["model.onnx"]
+    if external_data:
+        onnx.save(
+            model,
+            out / "model.onnx",
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=0,
+        )
+        files.append("model.onnx.data")
+    else:
+        onnx.save(model, out / "model.onnx")
     manifest["files"] = {
-        "model.onnx": {
-            "sha256": _sha(out / "model.onnx"),
-            "bytes": (out / "model.onnx").stat().st_size,
-        }
+        name: {"sha256": _sha(out / name), "bytes": (out / name).stat().st_size} for name in files
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
