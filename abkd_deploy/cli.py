@@ -120,7 +120,8 @@ def spec_options(*specs: type) -> Callable[[Callable[..., Any]], Callable[..., A
 
     A field's metadata (:func:`abkd_deploy.distill.specs.cli_field`) gives the option
     string and help; its type (``None`` stripped) gives the click type, ``choices`` a
-    :class:`click.Choice`, ``path`` a directory path; ``--x/--no-x`` is a boolean pair.
+    :class:`click.Choice`, ``path`` a directory path, ``bounds`` a
+    :class:`click.FloatRange`; ``--x/--no-x`` is a boolean pair.
     """
     opts = []
     for spec in specs:
@@ -134,6 +135,8 @@ def spec_options(*specs: type) -> Callable[[Callable[..., Any]], Callable[..., A
                 kw["show_default"] = True
             if f.metadata.get("choices"):
                 kw["type"] = click.Choice(list(f.metadata["choices"]))
+            elif f.metadata.get("bounds"):
+                kw["type"] = click.FloatRange(**f.metadata["bounds"])
             elif f.metadata.get("path"):
                 kw["type"] = click.Path(file_okay=False)
             elif kinds[0] is not bool:

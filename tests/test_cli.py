@@ -267,6 +267,34 @@ def test_kd_options_come_from_the_spec_fields():
     assert not params  # every option was consumed
 
 
+def test_abkd_attention_options_reach_the_term_and_match_its_choices():
+    """``--abkd-attention`` and its two knobs build a KDSpec routed to the abkd term; the
+    torch-free choice list is the term's own."""
+    from abkd_deploy.cli import _distill_specs
+    from abkd_deploy.distill.losses.abkd import ATTENTION_CHOICES
+    from abkd_deploy.distill.specs import ABKD_ATTENTIONS
+
+    assert ABKD_ATTENTIONS == ATTENTION_CHOICES
+    args = ["--teacher", "t", "--abkd-attention", "prior", "--abkd-prior-temperature", "3"]
+    args += ["--abkd-entropy-floor", "0.25"]
+    params = dict(main.get_command(None, "distill").make_context("distill", args).params)
+    for own in ("method", "out", "nproc"):
+        params.pop(own, None)
+    kd = _distill_specs(params)["kd"]
+    assert kd.term_options() == {
+        "attention": "prior",
+        "entropy_floor": 0.25,
+        "prior_temperature": 3.0,
+        "dissimilarity": "feature",
+    }
+    runner = CliRunner()
+    bad = runner.invoke(main, ["distill", "--teacher", "t", "--abkd-attention", "argmax"])
+    assert bad.exit_code == 2 and "argmax" in bad.output and "prior" in bad.output
+    for flag, value in (("--abkd-entropy-floor", "1"), ("--abkd-prior-temperature", "0")):
+        bad = runner.invoke(main, ["distill", "--teacher", "t", flag, value])
+        assert bad.exit_code == 2 and flag in bad.output, (flag, bad.output)
+
+
 def test_kd_term_options_are_routed_to_their_method_only():
     from abkd_deploy.distill.specs import KDSpec
 

@@ -1,10 +1,11 @@
 """What a ``distill``/``compare`` run is made of: teacher, student and KD specs.
 
 Torch-free dataclasses: each field that the command line exposes declares its option in
-its metadata (``cli``: the option string, ``help``; ``choices``, ``path`` where they
-apply), and ``abkd_deploy/cli.py`` derives the click options and builds these objects
-from that declaration. A KD option that a loss term reads also names the term and its
-keyword (``term``, ``option``) and :meth:`KDSpec.term_options` routes it; one that
+its metadata (``cli``: the option string, ``help``; ``choices``, ``path``, ``bounds``
+(of a float) where they apply), and ``abkd_deploy/cli.py`` derives the click options and
+builds these objects from that declaration. A KD option that a loss term reads also
+names the term and its keyword (``term``, ``option``) and :meth:`KDSpec.term_options`
+routes it; one that
 :meth:`~abkd_deploy.distill.objective.Objective.from_method` reads says ``objective``.
 Adding a KD option is therefore one field of :class:`KDSpec` (plus the code that uses it).
 """
@@ -17,6 +18,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch: only where an objective is built
     from abkd_deploy.distill.losses import LayerDims
     from abkd_deploy.distill.objective import Objective
+
+
+#: ``abkd``'s attention rules (``losses.abkd.ATTENTION_CHOICES``, which a test keeps equal;
+#: spelled out here so that building the CLI does not import torch).
+ABKD_ATTENTIONS = ("learned", "uniform", "align", "entropy", "prior")
 
 
 def cli_field(default: Any, cli: str, help: str | None = None, **meta: Any) -> Any:
@@ -75,6 +81,32 @@ class KDSpec:
         choices=("feature", "similarity"),
         term="abkd",
         option="dissimilarity",
+    )
+    attention: str | None = cli_field(
+        None,
+        "--abkd-attention",
+        "How ABKD weights teacher layers (default: learned, the paper's; "
+        "docs/benchmarks/abkd-attention.md compares them).",
+        choices=ABKD_ATTENTIONS,
+        term="abkd",
+        option="attention",
+    )
+    entropy_floor: float | None = cli_field(
+        None,
+        "--abkd-entropy-floor",
+        "Lower bound on each attention row's entropy, as a fraction of log(teacher "
+        "layers) in [0, 1) (default: 0.5 with --abkd-attention entropy, else off).",
+        bounds={"min": 0.0, "max": 1.0, "max_open": True},
+        term="abkd",
+        option="entropy_floor",
+    )
+    prior_temperature: float | None = cli_field(
+        None,
+        "--abkd-prior-temperature",
+        "Temperature on the z-scored D of --abkd-attention prior (default 1).",
+        bounds={"min": 0.0, "min_open": True},
+        term="abkd",
+        option="prior_temperature",
     )
     kd_nodes: int | None = cli_field(
         None,
