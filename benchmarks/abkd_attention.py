@@ -44,6 +44,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "align-entropy": ("abkd", {"attention": "align", "entropy_floor": 0.5}, "frozen"),
     "prior": ("abkd", {"attention": "prior"}, "frozen"),
     "prior-t3": ("abkd", {"attention": "prior", "prior_temperature": 3.0}, "frozen"),
+    # direction (a) with a held-out split: 20% of the labelled nodes leave the student's CE
+    # and train the attention (their CE's alignment) instead
+    "align-holdout": ("abkd", {"attention": "align", "holdout": 0.2}, "frozen"),
+    "prior-holdout": ("abkd", {"attention": "prior", "holdout": 0.2}, "frozen"),
     "joint": ("abkd", {"attention": "learned"}, "joint"),
     "joint-anchor": ("abkd", {"attention": "learned", "teacher_anchor": 1.0}, "joint"),
 }

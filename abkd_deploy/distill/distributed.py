@@ -514,8 +514,10 @@ class DistillModule(nn.Module):
         edges: Tensor | None,
         teacher_rows: tuple[Tensor, list[Tensor]] | None = None,
         teacher_graph: Any = None,
+        held: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Loss on rows ``take`` of the outputs (``y``, ``mask``: those rows' labels).
+        """Loss on rows ``take`` of the outputs (``y``, ``mask``: those rows' labels;
+        ``held``: their held-out rows, see :func:`~abkd_deploy.distill.trainer.holdout_masks`).
 
         ``teacher_rows``: the cached teacher outputs of those rows; otherwise (joint) the
         teacher runs on ``teacher_graph`` (inputs, operand) here.
@@ -541,6 +543,7 @@ class DistillModule(nn.Module):
                 y=y,
                 train_mask=mask,
                 edge_index=edges,
+                holdout_mask=held,
             )
         )
         if teacher_rows is None:
@@ -615,7 +618,7 @@ def fit_distributed(
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from abkd_deploy.distill.trainer import FitResult, fit_fanouts
+    from abkd_deploy.distill.trainer import FitResult, fit_fanouts, holdout_masks
     from abkd_deploy.progress import Progress
 
     device, rank = view.device, dist.get_rank()
@@ -650,7 +653,9 @@ def fit_distributed(
     sizes = [None] * dist.get_world_size()
     dist.all_gather_object(sizes, int(shard.numel()))
     steps = max(1, math.ceil(max(sizes) / cfg.batch_size)) if cfg.batch_size else 1
-    y, train_mask = view.data.y.to(device), view.data.train_mask.to(device)
+    train_mask, held_mask = holdout_masks(view.data.train_mask, objective, cfg.seed)
+    y, train_mask = view.data.y.to(device), train_mask.to(device)
+    held_mask = None if held_mask is None else held_mask.to(device)
     amp = cfg.amp and device.type == "cuda"
     fail_epoch = _failure_epoch(rank)
 
@@ -692,8 +697,9 @@ def fit_distributed(
             rows = None if cache is None else cache.rows(targets, device)
             optim.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                held = None if held_mask is None else held_mask[targets]
                 loss, terms = ddp(
-                    inputs, graph, take, y[targets], train_mask[targets], edges, rows, tgraph
+                    inputs, graph, take, y[targets], train_mask[targets], edges, rows, tgraph, held
                 )
             loss.backward()
             optim.step()

@@ -228,6 +228,11 @@ class Objective(nn.Module):
             for (n, w), s in zip(self.weights.items(), self.scales.tolist(), strict=True)
         }
 
+    def holdout_fraction(self) -> float:
+        """Fraction of the labelled nodes a term wants held out of the student's
+        cross-entropy (``abkd``'s ``holdout``; 0 when none does)."""
+        return max((float(getattr(t, "holdout", 0.0)) for t in self.terms.values()), default=0.0)
+
     def attention(self) -> Tensor | None:
         """The ``[L_S, L_T]`` ABKD attention of the last call, or None without an abkd term."""
         return self.terms["abkd"].attention() if "abkd" in self.terms else None

@@ -108,6 +108,15 @@ class KDSpec:
         term="abkd",
         option="prior_temperature",
     )
+    holdout: float | None = cli_field(
+        None,
+        "--abkd-holdout",
+        "With --abkd-attention align or prior: hold this fraction of the labelled nodes out "
+        "of the student's cross-entropy and train the attention on their loss (default: off).",
+        bounds={"min": 0.0, "max": 1.0, "max_open": True},
+        term="abkd",
+        option="holdout",
+    )
     kd_nodes: int | None = cli_field(
         None,
         "--kd-nodes",

@@ -113,7 +113,10 @@ class Trainer:
                 f"{data.name or 'this graph'} joins {data.target} to {data.target}"
             )
         self.y = data.y.to(self.device)
-        self.train_mask = data.train_mask.to(self.device)
+        self.train_mask, self.holdout_mask = holdout_masks(data.train_mask, objective, cfg.seed)
+        self.train_mask = self.train_mask.to(self.device)
+        if self.holdout_mask is not None:
+            self.holdout_mask = self.holdout_mask.to(self.device)
 
     def outputs(self, model: GNN) -> tuple[Tensor, list[Tensor]]:
         """Whole-graph ``(logits, hiddens)`` of ``model`` on the target rows (its mode as is)."""
@@ -216,6 +219,7 @@ class Trainer:
                     self.y,
                     self.train_mask,
                     self.view.target_edges(),
+                    self.holdout_mask,
                 )
                 if self.joint:
                     t_ce = F.cross_entropy(
@@ -247,6 +251,7 @@ class Trainer:
                     terms = {"ce": loss.item()}
                 else:
                     t_logits, t_hiddens = cache
+                    held = None if self.holdout_mask is None else self.holdout_mask[targets]
                     loss, terms = self._kd_loss(
                         logits,
                         hiddens,
@@ -255,6 +260,7 @@ class Trainer:
                         y,
                         mask,
                         edges,
+                        held,
                     )
             loss.backward()
             optim.step()
@@ -263,7 +269,7 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + v
         return {k: v / max(steps, 1) for k, v in totals.items()}
 
-    def _kd_loss(self, logits, hiddens, t_logits, t_hiddens, y, mask, edge_index):
+    def _kd_loss(self, logits, hiddens, t_logits, t_hiddens, y, mask, edge_index, held=None):
         from abkd_deploy.distill.losses import KDBatch
 
         batch = KDBatch(
@@ -274,8 +280,20 @@ class Trainer:
             y=y,
             train_mask=mask,
             edge_index=edge_index,
+            holdout_mask=held,
         )
         return self.objective(batch)
+
+
+def holdout_masks(train_mask: Tensor, objective, seed: int) -> tuple[Tensor, Tensor | None]:
+    """``(labelled rows for the student's CE, held-out rows or None)``: the held-out split
+    an objective asks for (:meth:`Objective.holdout_fraction`), seeded by the run's seed."""
+    fraction = objective.holdout_fraction() if hasattr(objective, "holdout_fraction") else 0.0
+    if fraction <= 0:
+        return train_mask, None
+    from abkd_deploy.distill.losses.abkd_attention import holdout_split
+
+    return holdout_split(train_mask, fraction, seed)
 
 
 def fit_fanouts(fanouts: tuple[int, ...], num_layers: int) -> list[int]:

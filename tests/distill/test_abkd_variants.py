@@ -10,6 +10,7 @@ import torch
 from abkd_deploy.data import load_dataset
 from abkd_deploy.distill.losses import LOSSES, KDBatch, LayerDims
 from abkd_deploy.distill.losses.abkd_attention import (
+    holdout_split,
     row_entropy,
     softmax_entropy_floor,
     standardize_rows,
@@ -291,10 +292,13 @@ def test_teacher_anchor_pulls_teacher_towards_its_snapshot() -> None:
         {"prior_temperature": 0},
         {"teacher_anchor": -1},
         {"align_every": 0},
+        {"attention": "align", "holdout": 1.0},
+        {"attention": "prior", "holdout": -0.2},
+        {"holdout": 0.2},  # the spec's attention has no alignment to train on them
     ],
 )
 def test_bad_variant_options(options) -> None:
-    with pytest.raises(ConfigError, match=next(iter(options))):
+    with pytest.raises(ConfigError, match=list(options)[-1]):
         build(**options)
 
 
@@ -322,3 +326,77 @@ def test_variant_trains_a_student_end_to_end(mode: str) -> None:
     assert attn.shape == (2, 3) and torch.allclose(attn.sum(1), torch.ones(2))
     assert obj.terms["abkd"].last_alignment() is not None
     assert all(math.isfinite(h["loss/abkd"]) for h in result.history)
+
+
+# ------------------------------------------------------------------ held-out split
+def test_holdout_split_is_a_seeded_partition_of_the_labelled_rows() -> None:
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[torch.arange(0, 100, 3)] = True  # 34 labelled rows
+    kept, held = holdout_split(mask, 0.25, seed=3)
+    assert not (kept & held).any() and torch.equal(kept | held, mask)
+    assert int(held.sum()) == round(0.25 * 34)
+    again, held_again = holdout_split(mask, 0.25, seed=3)
+    assert torch.equal(held, held_again) and torch.equal(kept, again)
+    assert not torch.equal(holdout_split(mask, 0.25, seed=4)[1], held)
+    # never everything, never nothing
+    assert int(holdout_split(mask, 0.999, seed=0)[0].sum()) == 1
+    assert int(holdout_split(mask, 0.001, seed=0)[1].sum()) == 1
+    kept, held = holdout_split(mask, 0.0, seed=0)
+    assert torch.equal(kept, mask) and not held.any()
+
+
+def test_holdout_alignment_uses_the_held_out_cross_entropy_only() -> None:
+    term = build(attention="align", holdout=0.3)
+    b = connected_batch()
+    held = torch.zeros_like(b.train_mask)
+    held[~b.train_mask] = True  # rows the CE of this batch does not use
+    b.holdout_mask = held
+    term(b)
+    c = term.last_alignment()
+    ref = connected_batch()
+    logits = ref.student_logits
+    task = torch.nn.functional.cross_entropy(logits[held], ref.y[held])
+    g = torch.autograd.grad(task, ref.student_hiddens)
+    for j, h in enumerate(ref.student_hiddens):
+        for i in range(4):
+            hj = h.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(_pair_dissimilarity(term, hj, ref, j, i), hj)
+            assert torch.allclose(c[j, i], (grad * g[j]).sum(), rtol=1e-4, atol=1e-6)
+    # a batch without held-out rows keeps the last alignment
+    empty = connected_batch(seed=1)
+    empty.holdout_mask = torch.zeros_like(empty.train_mask)
+    term(empty)
+    assert torch.equal(term.last_alignment(), c)
+
+
+@pytest.mark.parametrize("batch_size", [0, 128])
+def test_holdout_labels_never_reach_the_students_cross_entropy(batch_size: int) -> None:
+    data = load_dataset("csbm:num_nodes=400,num_features=16,num_classes=4,homophily=0.85")
+    torch.manual_seed(0)
+    teacher = build_model("gcn", in_channels=16, hidden=16, out_channels=4, num_layers=3)
+    student = build_model("gcn", in_channels=16, hidden=4, out_channels=4, num_layers=2)
+    dims = LayerDims(teacher.layer_dims, student.layer_dims, 4)
+    obj = Objective.from_method("abkd", dims, attention="prior", holdout=0.4, warmup_epochs=0)
+    assert obj.holdout_fraction() == 0.4
+    seen: list[KDBatch] = []
+    forward = obj.forward
+
+    def spy(batch: KDBatch):
+        seen.append(batch)
+        return forward(batch)
+
+    obj.forward = spy
+    cfg = TrainConfig(epochs=3, patience=3, progress=False, device="cpu", batch_size=batch_size)
+    trainer = Trainer(student, data, cfg, objective=obj, teacher=teacher)
+    labelled = int(data.train_mask.sum())
+    assert int(trainer.holdout_mask.sum()) == round(0.4 * labelled)
+    assert torch.equal(trainer.train_mask | trainer.holdout_mask, data.train_mask)
+    trainer.fit()
+    assert seen and all(b.holdout_mask is not None for b in seen)
+    assert all(not (b.train_mask & b.holdout_mask).any() for b in seen)
+    assert sum(int(b.holdout_mask.sum()) for b in seen) > 0
+    assert obj.terms["abkd"].last_alignment() is not None
+    # without the option nothing is held out
+    plain = Objective.from_method("abkd", dims, attention="prior", warmup_epochs=0)
+    t2 = Trainer(student, data, cfg, objective=plain, teacher=teacher)
+    assert t2.holdout_mask is None and torch.equal(t2.train_mask, data.train_mask)

@@ -168,3 +168,18 @@ def test_a_dying_teacher_rank_is_named_and_nothing_is_published(setup, monkeypat
         )
     assert "\n" not in str(err.value) and "rank 1" in str(err.value)
     assert not (root / "teacher-dead").exists() and not list(root.glob(".teacher-dead.*"))
+
+
+def test_two_ranks_hold_out_the_same_rows_for_the_attention(setup):
+    """``--abkd-holdout`` under two ranks: both split the labelled rows alike (the ranks'
+    parameter hashes are compared inside the run) and the run records the option."""
+    root, spec, train, _, _ = setup
+    kd = KDSpec(method="abkd", attention="prior", holdout=0.3)
+    small = replace(train, epochs=3)
+    two = launch(2, **{**spec, "kd": kd}, train=small, out=root / "two-holdout")
+    assert (
+        two["distributed"]["world_size"] == 2 and len(two["distributed"]["rank_state_sha256"]) == 64
+    )
+    config = json.loads((root / "two-holdout" / "config.json").read_text())
+    assert config["kd"]["holdout"] == 0.3 and config["kd"]["attention"] == "prior"
+    assert two["attention"] is not None

@@ -142,6 +142,11 @@ class AttentionKDTerm(LossTerm):
         align_every: ``align``/``prior``: recompute the alignment ``c`` every this many
             forward passes and reuse the last one in between (default 1: every pass; larger
             values trade freshness for time).
+        holdout: ``align``/``prior``: hold this fraction of the labelled nodes out of the
+            student's cross-entropy (:func:`.abkd_attention.holdout_split`, seeded by the
+            run's seed) and train the attention on the alignment with the held-out rows'
+            cross-entropy instead of the student's own loss (default 0: off). The trainer
+            does the split (:meth:`Objective.holdout_fraction`).
 
     Raises:
         ConfigError: Unknown or out-of-range options.
@@ -163,6 +168,7 @@ class AttentionKDTerm(LossTerm):
         prior_temperature: float = 1.0,
         teacher_anchor: float = 0.0,
         align_every: int = 1,
+        holdout: float = 0.0,
         **unknown: Any,
     ) -> None:
         super().__init__(dims, **unknown)
@@ -179,6 +185,14 @@ class AttentionKDTerm(LossTerm):
         )
         self.teacher_anchor = as_float(self.name, "teacher_anchor", teacher_anchor, low=0.0)
         self.align_every = as_int(self.name, "align_every", align_every)
+        self.holdout = as_float(self.name, "holdout", holdout, low=0.0)
+        if self.holdout >= 1.0:
+            raise ConfigError(f"{self.name}: option holdout={holdout!r} must be < 1")
+        if self.holdout > 0 and self.attention_mode not in ALIGNED_ATTENTIONS:
+            raise ConfigError(
+                f"{self.name}: option holdout={holdout!r} needs attention=align or prior "
+                f"(got attention={self.attention_mode})"
+            )
         self._align_calls = 0
         self.student_layers = _student_layers(self.name, student_layers, len(dims.student))
         s_dims = [dims.student[j] for j in self.student_layers]

@@ -8,6 +8,8 @@ attention another signal, or bound how far it can drift:
 * :func:`task_gradients` and :func:`task_alignment`: the first-order effect of one step on
   ``D[j, i]`` on the student's task loss (CE on the labelled rows + logit KD at ``T = 1``)
   - the hypergradient of a one-step lookahead, taken in representation space.
+* :func:`holdout_split`: labelled rows held out of the student's cross-entropy, whose
+  loss then is the alignment's task loss (``holdout``: direction (a) with a held-out split).
 * :func:`softmax_entropy_floor`: a row softmax whose temperature is raised, per row, just
   enough to keep the entropy at or above a floor.
 * :func:`standardize_rows`: z-scores of a ``[L_S, L_T]`` matrix per row, so that a
@@ -30,6 +32,23 @@ from .base import KDBatch
 #: Bisection steps on ``log T`` in :func:`softmax_entropy_floor` (``T`` up to ``e^12``).
 _BISECT_STEPS = 40
 _LOG_T_MAX = 12.0
+
+
+def holdout_split(train_mask: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Splits the labelled rows ``train_mask [N]`` into ``(kept, held)`` masks.
+
+    ``held`` takes ``round(fraction * labelled)`` rows (at least 1 and at most all but one
+    when ``fraction > 0`` and there are two or more), drawn with a generator seeded by
+    ``seed``, so every rank and every run with the same seed holds out the same rows.
+    """
+    rows = train_mask.nonzero().flatten()
+    held = torch.zeros_like(train_mask)
+    if fraction > 0 and rows.numel() >= 2:
+        k = min(max(round(fraction * rows.numel()), 1), rows.numel() - 1)
+        gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+        pick = rows[torch.randperm(rows.numel(), generator=gen)[:k].to(rows.device)]
+        held[pick] = True
+    return train_mask & ~held, held
 
 
 def row_entropy(probs: Tensor) -> Tensor:
@@ -84,23 +103,31 @@ def task_gradients(batch: KDBatch, hiddens: Sequence[Tensor]) -> list[Tensor] | 
 
     ``L_task = CE(z_S, y)`` on the batch's labelled rows ``+ KL(softmax(z_T) ||
     softmax(z_S))`` on all rows: the student's own objective with the KD temperature at 1,
-    without any feature term. The graph is kept (``retain_graph``) for the main backward.
+    without any feature term. With a held-out split (``batch.holdout_mask``), ``L_task`` is
+    the cross-entropy on the held-out rows only: a validation loss the student's own
+    objective does not contain. The graph is kept (``retain_graph``) for the main backward.
 
     Returns:
         One ``[n, d_S^j]`` gradient per hidden (zeros where a hidden does not reach the
-        logits), or ``None`` when no gradient can be taken (no grad mode, or the logits do
-        not require grad).
+        logits), or ``None`` when no gradient can be taken (no grad mode, the logits do
+        not require grad, or a held-out split with no held-out row in the batch).
     """
     logits = batch.student_logits
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return None
     log_p = F.log_softmax(logits.float(), dim=-1)
-    task = F.kl_div(
-        log_p, F.softmax(batch.teacher_logits.detach().float(), dim=-1), reduction="batchmean"
-    )
-    mask = batch.train_mask
-    if mask is not None and bool(mask.any()):
-        task = task + F.nll_loss(log_p[mask], batch.y[mask])
+    held = batch.holdout_mask
+    if held is not None:
+        if not bool(held.any()):
+            return None
+        task = F.nll_loss(log_p[held], batch.y[held])
+    else:
+        task = F.kl_div(
+            log_p, F.softmax(batch.teacher_logits.detach().float(), dim=-1), reduction="batchmean"
+        )
+        mask = batch.train_mask
+        if mask is not None and bool(mask.any()):
+            task = task + F.nll_loss(log_p[mask], batch.y[mask])
     wanted = [h for h in hiddens if h.requires_grad]
     if not wanted:
         return None

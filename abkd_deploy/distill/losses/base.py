@@ -33,6 +33,9 @@ class KDBatch:
         train_mask: ``[n]`` bool, rows whose label may be used (cross-entropy only).
         edge_index: ``[2, E]`` int64 edges ``src -> dst`` among the ``n`` rows (local ids);
             needed by ``lsp`` only.
+        holdout_mask: ``[n]`` bool, labelled rows held out of ``train_mask`` (the student's
+            cross-entropy never sees their labels); set only when the objective asks for a
+            held-out split (``abkd``'s ``holdout``), whose attention is trained on them.
     """
 
     student_logits: Tensor
@@ -42,6 +45,7 @@ class KDBatch:
     y: Tensor
     train_mask: Tensor
     edge_index: Tensor | None = None
+    holdout_mask: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
