@@ -242,7 +242,12 @@ _nproc_option = click.option(
 
 @main.command()
 @dataset_options
-@click.option("--arch", default="gcnii", show_default=True, help="gcn, sage, gat, gcnii or mlp.")
+@click.option(
+    "--arch",
+    default="gcnii",
+    show_default=True,
+    help="gcn, sage, gat, gcnii or mlp; typed graphs: rgcn, rsage or res-rgcn (deep teachers).",
+)
 @click.option("--layers", type=int, default=16, show_default=True)
 @click.option("--hidden", type=int, default=64, show_default=True)
 @click.option("--dropout", type=float, default=None, help="Default: 0.6 for gcnii, 0.5 otherwise.")

@@ -29,7 +29,7 @@ DATASET_FAMILIES = (
     "planetoid",
 )
 #: ``--arch`` values: :data:`abkd_deploy.models.MODELS`.
-ARCHITECTURES = ("gat", "gcn", "gcnii", "mlp", "rgcn", "rsage", "sage")
+ARCHITECTURES = ("gat", "gcn", "gcnii", "mlp", "res-rgcn", "rgcn", "rsage", "sage")
 #: ``--method`` values: :data:`abkd_deploy.distill.objective.METHODS`.
 KD_METHODS = ("abkd", "at", "ce", "fitnet", "gcrd", "kd", "lsp")
 #: Loss terms: :data:`abkd_deploy.distill.losses.LOSSES`.

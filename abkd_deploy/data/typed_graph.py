@@ -112,7 +112,8 @@ class TypedGraph:
             raise ConfigError(
                 f"{self.name or 'this dataset'} is a typed graph (node types "
                 f"{', '.join(self.node_types)}; target {self.target}): homogeneous "
-                f"architectures cannot use it; use a typed architecture (rgcn, rsage){hint}"
+                "architectures cannot use it; use a typed architecture (rgcn, rsage, "
+                f"res-rgcn){hint}"
             )
         raise AttributeError(key)
 

@@ -68,7 +68,7 @@ def check_arch_for_data(arch: str, data: Any, dataset: str, role: str = "model")
         hint = f", or --dataset {view} for its {data.target}-only view" if view else ""
         raise ConfigError(
             f"{role} architecture {arch!r} is homogeneous, but dataset {dataset!r} is a typed "
-            f"graph (target {data.target}); use a typed architecture (rgcn, rsage){hint}"
+            f"graph (target {data.target}); use a typed architecture (rgcn, rsage, res-rgcn){hint}"
         )
 
 

@@ -137,6 +137,11 @@ def export(
     student, meta = load_model(run_dir, "student")
     check_out_dir(out_dir, force, run_dir)
     student = student.float().cpu().eval()
+    if not student.exportable:
+        raise ConfigError(
+            f"export: {run_dir} holds a {student.arch} student, a teacher-only architecture "
+            "with no export form; distill an rgcn or rsage student instead"
+        )
     check_supported(adj, fmts, dtype, student.arch)
     provenance = provenance_from_run(run_dir, meta)
     if dataset is None:

@@ -1,11 +1,11 @@
 """Teacher and student GNNs (``gcn``, ``sage``, ``gat``, ``gcnii``, ``mlp``; typed: ``rgcn``,
-``rsage``)."""
+``rsage``, ``res-rgcn``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from abkd_deploy.models import gat, gcn, gcnii, mlp, rgcn, rsage, sage  # noqa: F401  (registers)
+from abkd_deploy.models import gat, gcn, gcnii, mlp, res_rgcn, rgcn, rsage, sage  # noqa: F401
 from abkd_deploy.models.base import GNN, MODELS, count_parameters
 from abkd_deploy.models.checkpoint import load_model, save_model
 

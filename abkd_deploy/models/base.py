@@ -31,6 +31,8 @@ class GNN(nn.Module):
 
     arch: ClassVar[str] = ""
     norm: ClassVar[str] = "none"
+    #: False for teacher-only architectures, which ``export`` refuses as students.
+    exportable: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -183,3 +183,12 @@ def test_a_graph_with_another_schema_is_refused(rgcn_run, tmp_path):
     (run / "student.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="schema num_nodes"):
         _export(run, tmp_path / "out")
+
+
+def test_a_teacher_only_architecture_is_refused(tmp_path):
+    from tests.export.conftest import make_typed_run
+
+    run = make_typed_run(tmp_path / "run", "res-rgcn", epochs=1)
+    with pytest.raises(ConfigError, match="holds a res-rgcn student, a teacher-only architecture"):
+        _export(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

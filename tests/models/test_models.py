@@ -17,7 +17,8 @@ def data():
 
 
 def test_registry_names():
-    assert MODELS.names() == sorted([*ARCHS, "rgcn", "rsage"])  # typed: tests/models/test_rgcn.py
+    typed = ["res-rgcn", "rgcn", "rsage"]  # tests/models/test_rgcn.py, test_res_rgcn.py
+    assert MODELS.names() == sorted([*ARCHS, *typed])
     with pytest.raises(ConfigError, match=r"unknown architecture .gin.*gcnii"):
         build_model("gin", in_channels=3, hidden=4, out_channels=2, num_layers=2)
 
