@@ -43,11 +43,7 @@ class ResRGCN(RGCN):
         return {**super().extra_config(), "alpha": self.alpha}
 
     def combine(
-        self,
-        index: int,
-        after: dict[str, Tensor],
-        before: dict[str, Tensor],
-        first: dict[str, Tensor],
+        self, index: int, after: dict[str, Tensor], first: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         if index == 0 or index == self.num_layers - 1:
             return after

@@ -169,28 +169,22 @@ class TypedGNN(GNN):
         hiddens: list[Tensor] = []
         first: dict[str, Tensor] = {}
         for i, (layer, block) in enumerate(zip(self.layers, self.operands(graph), strict=True)):
-            before = h
             h = {t: F.dropout(v, self.dropout, self.training) for t, v in h.items()}
             dst = [t for t in self.node_types if t in self._needed[i] and t in block.num_dst]
             h = layer(h, block, dst)
             if i < self.num_layers - 1:
                 h = {t: F.relu(v) for t, v in h.items()}
-            h = self.combine(i, after=h, before=before, first=first)
+            h = self.combine(i, after=h, first=first)
             first = first or h
             hiddens.append(h[self.target])
         return h[self.target], hiddens
 
     def combine(
-        self,
-        index: int,
-        after: dict[str, Tensor],
-        before: dict[str, Tensor],
-        first: dict[str, Tensor],
+        self, index: int, after: dict[str, Tensor], first: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         """Layer ``index``'s output from its activated result ``after``
-        (``{t: [num_dst_t, d]}``), its input rows ``before`` and layer 0's output ``first``
-        (empty at layer 0); destination rows are a prefix of each type's source rows.
-        Plain stacks return ``after``."""
+        (``{t: [num_dst_t, d]}``) and layer 0's output ``first`` (empty at layer 0), whose
+        rows start with each later layer's destination rows. Plain stacks return ``after``."""
         return after
 
 
