@@ -288,7 +288,7 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
     fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02)
     fig.suptitle(title, fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # long variant names stay whole
     plt.close(fig)
 
 
