@@ -175,7 +175,8 @@ class TypedGNN(GNN):
             if i < self.num_layers - 1:
                 h = {t: F.relu(v) for t, v in h.items()}
             h = self.combine(i, after=h, first=first)
-            first = first or h
+            if i == 0:
+                first = h
             hiddens.append(h[self.target])
         return h[self.target], hiddens
 
